@@ -1,0 +1,302 @@
+"""TokenFormer (arXiv 2410.23168): a Transformer whose every linear projection is a Pattention.
+
+Plain single-device PyTorch. Nothing here knows about ranks: tokenformer_mp.parallel shards parameter tokens and
+sets the few communication hooks (`enter`, `exit`, `reduce_over_tokens`) that default to the identity.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+NORM_EPS = 1e-6  # an all-zero score row stays zero instead of 0/0
+
+
+def _identity(x):
+    return x
+
+
+# --- Pattention -------------------------------------------------------------------------------------------------
+
+class _L2NormGelu(torch.autograd.Function):
+    """gelu(A * tau / ||A||_2) over the token axis, fused: saves only the scaled scores and the row scale.
+
+    `reduce` sums a per-row statistic over all parameter-token shards (identity when unsharded), in the forward
+    (sum of squares) and in the backward (sum of dz * z); one float per row each way.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, tau: float, reduce):
+        stat = torch.promote_types(scores.dtype, torch.float32)  # row statistics in fp32 even under bf16
+        sumsq = torch.linalg.vector_norm(scores, dim=-1, keepdim=True, dtype=stat).square_()
+        norm = reduce(sumsq).sqrt_()
+        scale = tau / norm.clamp_min(NORM_EPS)  # [..., 1]
+        z = scores * scale.to(scores.dtype)
+        ctx.save_for_backward(z, scale, norm)
+        ctx.tau, ctx.reduce = tau, reduce
+        return F.gelu(z)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, scale, norm = ctx.saved_tensors
+        dz = torch.ops.aten.gelu_backward(grad_out, z)
+        # d z_j / d A_i = s (delta_ij - z_i z_j / tau^2): the norm couples every token of a row.
+        dot = ctx.reduce(torch.linalg.vecdot(dz.to(norm.dtype), z.to(norm.dtype), dim=-1).unsqueeze(-1))
+        coef = torch.where(norm > NORM_EPS, dot / ctx.tau**2, torch.zeros_like(dot))
+        grad = torch.addcmul(dz, z, coef.to(z.dtype), value=-1.0).mul_(scale.to(z.dtype))
+        return grad, None, None
+
+
+def normalize_scores(scores: torch.Tensor, norm: str, tau: float, reduce=_identity, reduce_max=_identity):
+    """The Pattention non-linearity Theta over the last (parameter-token) axis. scores: [..., n]."""
+    if norm == "l2_norm_gelu":  # paper eq. 4 / 16, the default
+        return _L2NormGelu.apply(scores, tau, reduce)
+    if norm == "gelu_l2_norm":
+        g = F.gelu(scores)
+        sumsq = reduce(g.float().square().sum(-1, keepdim=True))
+        return g * (tau / sumsq.sqrt().clamp_min(NORM_EPS)).to(g.dtype)
+    if norm == "softmax":  # times n as in the reference, with max-subtraction for stability
+        m = reduce_max(scores.detach().amax(-1, keepdim=True))
+        e = (scores - m).exp()
+        return e * (tau**2 / reduce(e.float().sum(-1, keepdim=True))).to(e.dtype)
+    raise ValueError(f"unknown Pattention norm {norm!r}")
+
+
+class Pattention(nn.Module):
+    """Token-parameter attention: inputs attend to n learnable key/value parameter tokens. Shaped like nn.Linear.
+
+    out = Theta(x @ K_P^T) @ V_P, with K_P: [n, in_features], V_P: [n, out_features].
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_tokens: int, norm: str = "l2_norm_gelu",
+                 scale_tokens: int | None = None, key_std: float = 0.02, value_std: float = 0.02):
+        super().__init__()
+        self.in_features, self.out_features, self.num_tokens, self.norm = in_features, out_features, num_tokens, norm
+        self.key_std, self.value_std = key_std, value_std
+        self.key_tokens = nn.Parameter(torch.empty(num_tokens, in_features))
+        self.value_tokens = nn.Parameter(torch.empty(num_tokens, out_features))
+        # tau = sqrt(scale_tokens), fixed for the layer's life; an integer buffer so mixed precision cannot round it.
+        self.register_buffer("scale_tokens", torch.tensor(scale_tokens or num_tokens, dtype=torch.int64))
+        self._scale = scale_tokens or num_tokens
+        self._tau = math.sqrt(self._scale)
+        # Communication hooks, identity unless tokenformer_mp.parallel shards the token axis.
+        self.enter, self.exit, self.reduce_over_tokens, self.max_over_tokens = _identity, _identity, _identity, _identity
+        if self.key_tokens.device.type != "meta":
+            self.reset_parameters()
+
+    @property
+    def tau(self) -> float:
+        return self._tau
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._scale = int(self.scale_tokens)
+        self._tau = math.sqrt(self._scale)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        self.scale_tokens.fill_(self._scale)  # after to_empty() from the meta device too
+        init_sharded_(self.key_tokens, self.key_std, generator)
+        init_sharded_(self.value_tokens, self.value_std, generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.enter(x)
+        scores = x @ self.key_tokens.t()  # [..., n]
+        weights = normalize_scores(scores, self.norm, self.tau, self.reduce_over_tokens, self.max_over_tokens)
+        return self.exit(weights @ self.value_tokens)  # [..., out_features]
+
+    @torch.no_grad()
+    def expand(self, m: int, key_init: str = "zeros", value_init: str = "normal",
+               generator: torch.Generator | None = None) -> None:
+        """Append m parameter tokens after the old ones; tau stays. Zero keys keep the function exactly."""
+        if getattr(self.key_tokens, "full_shape", None) is not None:
+            raise RuntimeError("expand a Pattention before sharding it (the resharding tool does this per tensor)")
+        self.key_tokens = nn.Parameter(append_tokens(self.key_tokens.data, m, key_init, self.key_std, generator))
+        self.value_tokens = nn.Parameter(append_tokens(self.value_tokens.data, m, value_init, self.value_std, generator))
+        self.num_tokens += m
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, tokens={self.num_tokens}, norm={self.norm}, tau={self.tau:.3f}"
+
+
+def append_tokens(t: torch.Tensor, m: int, init: str, std: float, generator: torch.Generator | None = None):
+    """[n, d] -> [n + m, d] with the new rows zeros or N(0, std)."""
+    if init == "zeros":
+        new = torch.zeros(m, t.shape[1], dtype=t.dtype, device=t.device)
+    elif init == "normal":
+        new = torch.randn(m, t.shape[1], generator=generator, dtype=torch.float32).mul_(std).to(t.device, t.dtype)
+    else:
+        raise ValueError(f"unknown token init {init!r}: zeros or normal")
+    return torch.cat([t, new], dim=0)
+
+
+def init_sharded_(p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    """N(0, std) drawn for the full tensor, then this rank's slice kept: the same seed gives the same global
+    weights at every tensor-parallel degree (parallel.tensor_parallel sets full_shape / shard_range)."""
+    full_shape = getattr(p, "full_shape", None) or tuple(p.shape)
+    full = torch.randn(full_shape, generator=generator, dtype=torch.float32).mul_(std)
+    if getattr(p, "shard_range", None) is not None:
+        start, end = p.shard_range
+        full = full.narrow(p.partition_dim, start, end - start)
+    with torch.no_grad():
+        p.copy_(full)
+
+
+# --- the language model -----------------------------------------------------------------------------------------
+
+def rotary_tables(seq_len: int, dim: int, base: float, device, dtype):
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)  # [T, dim]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GPT-NeoX partial rotary: rotate the first `dim` channels of each head, pass the rest. x: [B, H, T, hd]."""
+    dim = cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    r1, r2 = rot.chunk(2, dim=-1)
+    rotated = torch.cat([-r2, r1], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+def make_pattention(cfg: ModelConfig, kind: str, in_features: int, out_features: int) -> Pattention:
+    value_std = 2.0 / cfg.num_layers / math.sqrt(cfg.hidden_size)  # the reference's "wang init"
+    return Pattention(in_features, out_features, cfg.tokens(kind), cfg.norm, cfg.scale_tokens(kind),
+                      key_std=cfg.init_std, value_std=value_std)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.head_dim = cfg.head_dim
+        self.rotary_dim = int(cfg.head_dim * cfg.rotary_pct)
+        self.rotary_base = cfg.rotary_base
+        self.query = make_pattention(cfg, "qkv", h, h)
+        self.key = make_pattention(cfg, "qkv", h, h)
+        self.value = make_pattention(cfg, "qkv", h, h)
+        self.proj = make_pattention(cfg, "proj", h, h)
+        self.enter = _identity  # one input region for Q, K and V together (see parallel.tensor_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        x = self.enter(x)
+        # [B, T, heads * hd] -> [B, heads, T, hd]; under TP "heads" are this rank's heads.
+        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.query, self.key, self.value))
+        if self.rotary_dim:
+            cos, sin = rotary_tables(T, self.rotary_dim, self.rotary_base, x.device, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash / memory-efficient kernels on GPU
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    """Pre-norm block with non-parametric LayerNorms; the FFN is a single Pattention (its GELU is the non-linearity)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.eps, self.hidden = layer_idx, cfg.layernorm_eps, cfg.hidden_size
+        self.attention = Attention(cfg)
+        self.ffn = make_pattention(cfg, "ffn", cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(F.layer_norm(x, (self.hidden,), eps=self.eps))
+        return x + self.ffn(F.layer_norm(x, (self.hidden,), eps=self.eps))
+
+
+class Embedding(nn.Module):
+    """Token embedding, tied with the output head. Sharded, a rank holds rows [vocab_start, vocab_start + rows)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.std, self.vocab_size = cfg.init_std, cfg.vocab_size
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))  # [V, h]
+        self.vocab_start, self.enter, self.exit = 0, _identity, _identity
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        init_sharded_(self.weight, self.std, generator)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, h]
+        if self.weight.shape[0] == self.vocab_size:
+            return F.embedding(tokens, self.weight)
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])  # rows another rank owns contribute zero here
+        x = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self.exit(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.enter(h), self.weight)  # [B, T, rows]
+
+
+class FinalNorm(nn.LayerNorm):
+    """The only affine LayerNorm (weight and bias), before the tied head."""
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross entropy over unmasked positions (fp32)."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    if loss_mask is None:
+        return losses.mean()
+    mask = loss_mask.flatten().float()
+    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+class TokenFormer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.vocab_size is not None, "resolve model.vocab_size from the tokenizer first"
+        self.cfg = cfg
+        self.embed = Embedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.final_norm = FinalNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
+        self.activation_checkpointing = False
+        self.loss_fn = lm_loss  # parallel.tensor_parallel swaps in the vocab-parallel cross entropy
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None):
+        x = self.embed(tokens)  # [B, T, h]
+        for block in self.layers:
+            x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing and self.training else block(x)
+        logits = self.embed.logits(self.final_norm(x))
+        return logits if labels is None else self.loss_fn(logits, labels, loss_mask)
+
+    def init_weights(self, seed: int) -> None:
+        init_weights(self, seed)
+
+
+def init_weights(module: nn.Module, seed: int, prefix: str = "") -> None:
+    """Deterministic init: one generator per module, seeded from (seed, canonical module name), so a layer gets the
+    same weights whether it lives in one process or on a pipeline stage / tensor-parallel rank."""
+    for name, sub in module.named_modules():
+        full = f"{prefix}{name}"
+        if isinstance(sub, (Pattention, Embedding)):
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full.encode()))
+            sub.reset_parameters(g)
+        elif isinstance(sub, nn.LayerNorm):
+            sub.reset_parameters()
+
+
+# --- counting (the paper's Table 3) -----------------------------------------------------------------------------
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    h = cfg.hidden_size
+    per_layer = 2 * h * (3 * cfg.qkv_tokens + cfg.proj_tokens + cfg.ffn_tokens)
+    non_embedding = cfg.num_layers * per_layer
+    embedding = cfg.vocab_size * h
+    return {"params": embedding + non_embedding + 2 * h, "non_embedding_params": non_embedding,
+            "embedding_params": embedding}
+
+
+def flops_per_token(cfg: ModelConfig, seq_length: int | None = None) -> int:
+    """Training FLOPs per token = 3 x forward (Table 3): 2N + 2 n_vocab d_model + 4 n_layer d_token T."""
+    T = seq_length or cfg.seq_length
+    n = count_params(cfg)["non_embedding_params"]
+    forward = 2 * n + 2 * cfg.vocab_size * cfg.hidden_size + 4 * cfg.num_layers * cfg.hidden_size * T
+    return 3 * forward

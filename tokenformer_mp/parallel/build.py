@@ -1,0 +1,84 @@
+"""Build the model for a layout: a plain TokenFormer when PP == 1, a DeepSpeed PipelineModule of the same layers
+when PP > 1. Either way every module is created on the meta device, sharded, then materialised and initialised
+from per-name seeds, so no rank ever holds more than its shard and every layout starts from the same weights."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..model import Block, Embedding, FinalNorm, TokenFormer, init_weights, lm_loss
+from .tensor_parallel import apply_tensor_parallel, vocab_parallel_lm_loss
+
+
+def materialize(module: nn.Module, tp_group, seed: int, prefix: str = "") -> nn.Module:
+    apply_tensor_parallel(module, tp_group)
+    module.to_empty(device="cpu")
+    init_weights(module, seed, prefix)
+    return module
+
+
+def build_model(cfg: ModelConfig, seed: int, tp_group=None) -> TokenFormer:
+    with torch.device("meta"):
+        model = TokenFormer(cfg)
+    return materialize(model, tp_group, seed)
+
+
+# --- pipeline stages: the same modules, constructed by DeepSpeed's LayerSpecs -------------------------------------
+
+class EmbeddingPipe(Embedding):
+    def __init__(self, cfg: ModelConfig, seed: int, tp_group):
+        with torch.device("meta"):
+            super().__init__(cfg)
+        materialize(self, tp_group, seed, "embed")
+
+
+class BlockPipe(Block):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, seed: int, tp_group):
+        with torch.device("meta"):
+            super().__init__(cfg, layer_idx)
+        materialize(self, tp_group, seed, f"layers.{layer_idx}.")
+
+
+class FinalNormPipe(FinalNorm):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.hidden_size, eps=cfg.layernorm_eps)
+
+
+def _head(embed: Embedding, h: torch.Tensor) -> torch.Tensor:
+    return embed.logits(h)
+
+
+def _pipe_loss(loss_fn, logits, labels):
+    labels, loss_mask = labels
+    return loss_fn(logits, labels, loss_mask)
+
+
+def build_pipeline(cfg: ModelConfig, seed: int, tp_group, topology, activation_checkpointing: bool):
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    specs = [TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, tied_weight_attr="weight")]
+    specs += [LayerSpec(BlockPipe, cfg, i, seed, tp_group) for i in range(cfg.num_layers)]
+    specs += [LayerSpec(FinalNormPipe, cfg),
+              TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, forward_fn=_head, tied_weight_attr="weight")]
+    tp = topology.get_dim("model")
+    loss_fn = vocab_parallel_lm_loss if tp > 1 else lm_loss
+    return PipelineModule(
+        layers=specs, loss_fn=partial(_pipe_loss, loss_fn), topology=topology, partition_method="parameters",
+        activation_checkpoint_interval=1 if activation_checkpointing else 0,
+        activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
+
+
+def canonical_name(pipe_name: str, num_layers: int) -> str:
+    """PipelineModule parameter name -> the plain TokenFormer's name (layout-free checkpoints use these)."""
+    if pipe_name.startswith("tied_modules.embed."):
+        return "embed." + pipe_name[len("tied_modules.embed."):]
+    idx, rest = pipe_name.split(".", 1)
+    idx = int(idx)
+    if 1 <= idx <= num_layers:
+        return f"layers.{idx - 1}.{rest}"
+    if idx == num_layers + 1:
+        return f"final_norm.{rest}"
+    raise KeyError(pipe_name)

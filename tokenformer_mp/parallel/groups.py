@@ -1,0 +1,48 @@
+"""Process groups: megatron-core's parallel_state creates them, DeepSpeed is handed the same ones.
+
+Both lay ranks out tp-fastest, then dp, then pp; we assert it so a future change of order cannot silently
+mismatch the groups DeepSpeed's pipeline grid builds from its topology.
+"""
+from __future__ import annotations
+
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+
+def initialize(tp: int, pp: int) -> None:
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    dp = world // (tp * pp)
+    expect_tp = rank % tp
+    expect_dp = (rank // tp) % dp
+    expect_pp = rank // (tp * dp)
+    got = (ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    assert got == (expect_tp, expect_dp, expect_pp), f"unexpected megatron rank layout {got}"
+
+
+def tp_group():
+    return ps.get_tensor_model_parallel_group()
+
+
+def sizes() -> dict[str, int]:
+    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+class MPU:
+    """The mpu interface DeepSpeed expects (GPT-NeoX style), over megatron-core's groups. Used when PP == 1."""
+
+    get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(ps.get_pipeline_model_parallel_world_size)

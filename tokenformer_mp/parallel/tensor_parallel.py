@@ -1,0 +1,192 @@
+"""How a TokenFormer is sharded over a tensor-parallel group: the one place that decides it.
+
+Every Pattention keeps a contiguous slice of its parameter tokens (the n axis; uneven when TP does not divide n, so
+no padding token exists). A rank computes its scores x @ K_r^T locally; the L2 norm over all n tokens comes from one
+all-reduce of per-row sums of squares (one float per row); the partial outputs Theta_r @ V_r are summed.
+
+Per block (forward):
+  attention input   copy (backward: all-reduce)           Q, K, V read one replicated input
+  query/key/value   reduce-scatter of [T, h] to local heads  token-token attention runs on h/TP heads
+  proj              all-gather [T, h/TP] -> [T, h] (backward: reduce-scatter), output all-reduce [T, h]
+  ffn               copy in, all-reduce [T, h] out
+  + per Pattention one all-reduce of [T] floats (the norm), the same again in backward.
+The embedding is vocabulary-parallel (rows sliced) with megatron's vocab-parallel cross entropy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    vocab_parallel_cross_entropy,
+)
+from torch.distributed.nn.functional import all_reduce as autograd_all_reduce
+
+from ..model import Attention, Block, Embedding, Pattention, TokenFormer
+
+
+def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Contiguous, as even as possible: the first n % world ranks take one extra token."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+# --- collectives, each a small autograd function with its backward twin -------------------------------------------
+# megatron-core has AG/RS over the last dim too, but allocates with torch.cuda.current_device(): these run anywhere.
+
+def _all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    out = torch.empty((world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return torch.cat(out.unbind(0), dim=-1)
+
+
+def _reduce_scatter_last(x: torch.Tensor, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    chunks = torch.stack(x.chunk(world, dim=-1), dim=0).contiguous()  # [world, ..., d/world]
+    out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, chunks, group=group)
+    return out
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """Forward all-gather along the last dim; backward reduce-scatter (each rank's consumer differs)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_last(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter_last(g, ctx.group), None
+
+
+class _ReduceScatterLastDim(torch.autograd.Function):
+    """Forward reduce-scatter along the last dim; backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_last(x, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather_last(g, ctx.group), None
+
+
+def gather_last_dim(x, group):
+    return _GatherLastDim.apply(x, group)
+
+
+def reduce_scatter_last_dim(x, group):
+    return _ReduceScatterLastDim.apply(x, group)
+
+
+def sum_over_shards(t: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce a per-row statistic; its gradient is all-reduced too (every shard's scores depend on it)."""
+    return autograd_all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+
+
+def max_over_shards(t: torch.Tensor, group) -> torch.Tensor:
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return t
+
+
+# --- the plan -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenSharded:
+    """A Pattention whose parameter tokens are split across the group. input/output name the collectives."""
+    input: str = "none"  # none | copy | gather_heads
+    output: str = "reduce"  # reduce | scatter_heads
+
+
+BLOCK_PLAN = {
+    "attention.query": TokenSharded(output="scatter_heads"),
+    "attention.key": TokenSharded(output="scatter_heads"),
+    "attention.value": TokenSharded(output="scatter_heads"),
+    "attention.proj": TokenSharded(input="gather_heads", output="reduce"),
+    "ffn": TokenSharded(input="copy", output="reduce"),
+}
+
+
+def _regions(group):
+    return {
+        "none": lambda x: x,
+        "copy": partial(copy_to_tensor_model_parallel_region, group=group),
+        "reduce": partial(reduce_from_tensor_model_parallel_region, group=group),
+        "gather_heads": partial(gather_last_dim, group=group),
+        "scatter_heads": partial(reduce_scatter_last_dim, group=group),
+    }
+
+
+def _shard_rows(p: nn.Parameter, start: int, end: int) -> nn.Parameter:
+    """A parameter holding rows [start, end) of a [n, d] tensor, tagged for DeepSpeed and for init/checkpoints."""
+    full_shape = tuple(p.shape)
+    new = nn.Parameter(torch.empty((end - start,) + full_shape[1:], dtype=p.dtype, device=p.device))
+    new.full_shape, new.shard_range, new.partition_dim = full_shape, (start, end), 0
+    new.tensor_model_parallel = True  # DeepSpeed's global grad norm counts it on every TP rank
+    return new
+
+
+def shard_pattention(p: Pattention, style: TokenSharded, group) -> None:
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    start, end = shard_range(p.num_tokens, world, rank)
+    p.key_tokens = _shard_rows(p.key_tokens, start, end)
+    p.value_tokens = _shard_rows(p.value_tokens, start, end)
+    regions = _regions(group)
+    p.enter, p.exit = regions[style.input], regions[style.output]
+    p.reduce_over_tokens = partial(sum_over_shards, group=group)
+    p.max_over_tokens = partial(max_over_shards, group=group)
+
+
+def shard_block(block: Block, group) -> None:
+    modules = dict(block.named_modules())
+    for name, style in BLOCK_PLAN.items():
+        shard_pattention(modules[name], style, group)
+    block.attention.enter = _regions(group)["copy"]  # once for Q, K and V: one backward all-reduce, not three
+
+
+def shard_embedding(embed: Embedding, group) -> None:
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    vocab = embed.weight.shape[0]
+    assert vocab % world == 0, f"vocabulary {vocab} not divisible by tp={world}"  # validate() reports it first
+    start, end = shard_range(vocab, world, rank)
+    embed.weight = _shard_rows(embed.weight, start, end)
+    embed.vocab_start = start
+    regions = _regions(group)
+    embed.enter, embed.exit = regions["copy"], regions["reduce"]
+
+
+def vocab_parallel_lm_loss(logits, labels, loss_mask=None):
+    """Cross entropy over vocabulary-sliced logits [B, T, V/TP] without gathering them."""
+    losses = vocab_parallel_cross_entropy(logits.float(), labels)  # [B, T]
+    if loss_mask is None:
+        return losses.mean()
+    mask = loss_mask.float()
+    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def apply_tensor_parallel(module: nn.Module, group) -> None:
+    """Shard every Block and Embedding inside `module` (a TokenFormer, or one pipeline stage's layer)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    for sub in list(module.modules()):
+        if isinstance(sub, Block):
+            shard_block(sub, group)
+        elif isinstance(sub, Embedding):
+            shard_embedding(sub, group)
+        elif isinstance(sub, TokenFormer):
+            sub.loss_fn = vocab_parallel_lm_loss
+
+
+__all__ = ["apply_tensor_parallel", "shard_range", "gather_last_dim", "reduce_scatter_last_dim", "sum_over_shards",
+           "vocab_parallel_lm_loss", "Attention"]
