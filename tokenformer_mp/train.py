@@ -1,0 +1,348 @@
+"""python -m tokenformer_mp.train --config FILE [--run-dir DIR] [--section.key VALUE ...]
+
+One code path for every layout: one CPU process, one GPU, or TP x PP x DP ranks under any launcher. DeepSpeed is the
+engine (ZeRO, mixed precision, pipeline schedule, checkpoints); megatron-core supplies process groups and data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
+from .model import flops_per_token
+
+log = logging.getLogger("tokenformer_mp")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    p = cfg.train.precision
+    return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
+
+
+def deepspeed_config(cfg: Config, dp: int, precision: str) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp,
+        "gradient_clipping": t.clip_grad,
+        # ZeRO-1 even at DP=1: with TP/PP it is the stage whose global grad norm is right (notes/stack-on-cpu.md).
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay parameter tokens and the embedding (2-D); not norms (1-D), as the reference recipe."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine from lr to min_lr at the last step."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    dp_rank: int
+    rank: int
+    world: int
+
+
+class Batches:
+    """Deterministic batches: global step s reads samples [s*G, (s+1)*G) of the (already shuffled) dataset, this DP
+    rank its slice of those. The data position is therefore the step itself, which makes resume exact."""
+
+    def __init__(self, dataset, layout: Layout, micro_batch: int, accum: int, device: torch.device):
+        self.ds, self.layout, self.mbs, self.accum, self.device = dataset, layout, micro_batch, accum, device
+
+    @property
+    def global_batch(self) -> int:
+        return self.mbs * self.accum * self.layout.dp
+
+    def micro_batches(self, step: int):
+        base = step * self.global_batch + self.layout.dp_rank * self.mbs * self.accum
+        for m in range(self.accum):
+            idx = range(base + m * self.mbs, base + (m + 1) * self.mbs)
+            samples = [self.ds[i % len(self.ds)] for i in idx]
+            tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long().to(self.device)
+            labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long().to(self.device)
+            mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples]).float().to(self.device)
+            yield tokens, (labels, mask)
+
+
+class MetricsWriter:
+    """metrics.jsonl (+ TensorBoard when installed), written by global rank 0 only."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.enabled, self.path, self.tb = enabled, os.path.join(run_dir, "metrics.jsonl"), None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        from .data.datasets import build_datasets
+        from .parallel import groups
+        from .parallel.launch import init_distributed, pick_device
+        from .tokenizer import build_tokenizer
+
+        self.cfg = cfg
+        validate(cfg, check_paths=True)  # before any process group or allocation
+        self.device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", 0)))
+        le = init_distributed(self.device)
+        validate(cfg, check_paths=False, world_size=le.world_size)
+        tp, pp = cfg.parallel.tp, cfg.parallel.pp
+        groups.initialize(tp, pp)
+        sizes = groups.sizes()
+        self.layout = Layout(tp, pp, sizes["dp"], groups.ps.get_data_parallel_rank(), le.rank, le.world_size)
+        self.is_logger = le.rank == 0
+
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = pad_vocab(self.tokenizer.vocab_size, cfg.model.pad_vocab_multiple)
+        validate(cfg, check_paths=False, tokenizer_vocab=self.tokenizer.vocab_size, world_size=le.world_size)
+
+        self.precision = resolve_precision(cfg, self.device)
+        self.run_dir = cfg.run_dir
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        if self.is_logger:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
+                f.write(to_yaml(cfg))
+        self._build_engine(groups)
+
+        t = cfg.train
+        G = t.micro_batch_size * t.grad_accum_steps * self.layout.dp
+        cache = cfg.data.cache_dir or os.path.join(self.run_dir, "data_cache")
+        train_ds, valid_ds, _ = build_datasets(cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length,
+                                               t.seed, (t.steps * G, max(1, t.eval_iters * G), 0), self.tokenizer, cache)
+        self.train_batches = Batches(train_ds, self.layout, t.micro_batch_size, t.grad_accum_steps, self.device)
+        self.valid_batches = Batches(valid_ds, self.layout, t.micro_batch_size, t.grad_accum_steps, self.device) \
+            if valid_ds is not None and len(valid_ds) > 0 else None
+        self.tokens_per_step = G * cfg.model.seq_length
+        self.flops_per_token = flops_per_token(cfg.model)
+        self.metrics = MetricsWriter(self.run_dir, self.is_logger)
+        self.step = 0
+        self._stop_signal = None
+
+    # --- engine -----------------------------------------------------------------------------------------------
+    def _build_engine(self, groups) -> None:
+        import deepspeed
+
+        from .parallel.build import build_model, build_pipeline
+
+        cfg, t = self.cfg, self.cfg.train
+        if self.layout.pp > 1:
+            from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+            topo = PipeModelDataParallelTopology(num_pp=self.layout.pp, num_mp=self.layout.tp, num_dp=self.layout.dp)
+            model = build_pipeline(cfg.model, t.seed, groups.tp_group(), topo, t.activation_checkpointing)
+            mpu = None  # DeepSpeed builds its own grid from the topology (same rank layout, asserted in groups)
+        else:
+            model = build_model(cfg.model, t.seed, groups.tp_group() if self.layout.tp > 1 else None)
+            model.activation_checkpointing = t.activation_checkpointing
+            mpu = groups.MPU
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                      eps=t.adam_eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / t.lr)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
+            config=deepspeed_config(cfg, self.layout.dp, self.precision))
+        self.model = model
+
+    def _dp_mean(self, value: float) -> float:
+        if self.layout.dp == 1:
+            return value
+        from megatron.core import parallel_state as ps
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+        return t.item() / self.layout.dp
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step (all micro-batches); returns (global mean loss, global grad norm)."""
+        batches = self.train_batches.micro_batches(self.step)
+        self.engine.train()
+        if self.layout.pp > 1:
+            loss = self.engine.train_batch(data_iter=iter(batches)).item()
+        else:
+            total = 0.0
+            for tokens, (labels, mask) in batches:
+                out = self.engine(tokens, labels, mask)
+                total += out.item()
+                self.engine.backward(out)
+                self.engine.step()
+            loss = self._dp_mean(total / self.cfg.train.grad_accum_steps)
+        norm = self.engine.get_global_grad_norm()
+        return loss, float(norm) if norm is not None else float("nan")
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.valid_batches is None or self.cfg.train.eval_iters == 0:
+            return None
+        self.engine.eval()
+        losses = []
+        for i in range(self.cfg.train.eval_iters):
+            if self.layout.pp > 1:
+                losses.append(self.engine.eval_batch(data_iter=iter(self.valid_batches.micro_batches(i))).item())
+            else:
+                ls = [self.engine(tok, lab, m).item() for tok, (lab, m) in self.valid_batches.micro_batches(i)]
+                losses.append(self._dp_mean(sum(ls) / len(ls)))
+        return sum(losses) / len(losses)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def client_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "config": self.cfg.to_dict(),
+                "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp},
+                "rng": {"torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+
+    def save(self) -> None:
+        from .checkpoint import save_checkpoint
+        save_checkpoint(self, self.ckpt_dir, self.step, self.cfg.checkpoint.keep_last)
+
+    def maybe_resume(self) -> None:
+        from .checkpoint import load_checkpoint
+        src = self.cfg.checkpoint.load or (self.ckpt_dir if os.path.exists(os.path.join(self.ckpt_dir, "latest")) else None)
+        if src is not None:
+            state = load_checkpoint(self, src)
+            self.step = state["step"]
+            if self.is_logger:
+                log.info("resumed from %s at step %d", src, self.step)
+
+    # --- loop -------------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum  # checkpoint at the next step boundary, then exit (Slurm requeues)
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        self.maybe_resume()
+        from .flops import measure_matmul_flops
+        peak = measure_matmul_flops(self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32))
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True)
+        last = {}
+        while self.step < t.steps:
+            start = time.perf_counter()
+            loss, norm = self.train_step()
+            elapsed = time.perf_counter() - start
+            lr = self.scheduler.get_last_lr()[0]
+            skipped = self.precision == "fp16" and getattr(self.engine, "skipped_steps", 0) > last.get("skipped", 0)
+            if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
+                raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {norm} is not finite; stopping. "
+                                       f"The last good checkpoint in {self.ckpt_dir} is kept.")
+            self.step += 1
+            tps = self.tokens_per_step / elapsed
+            rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
+                   "mfu": tps * self.flops_per_token / (peak * self.layout.world), "step_time_s": elapsed,
+                   "tokens_seen": self.step * self.tokens_per_step}
+            if skipped:
+                rec["skipped"] = True
+                bar.write(f"step {self.step}: fp16 overflow, step skipped, loss scale lowered")
+            last["skipped"] = getattr(self.engine, "skipped_steps", 0)
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                val = self.evaluate()
+                if val is not None:
+                    rec["val_loss"], rec["val_ppl"] = val, math.exp(min(val, 50.0))
+            self.metrics.write(rec)
+            if self.is_logger and (self.step % t.log_interval == 0 or "val_loss" in rec):
+                line = (f"step {self.step:>6}/{t.steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {norm:.3f} | "
+                        f"tok/s {tps:,.0f} | mfu {rec['mfu']:.1%}")
+                if "val_loss" in rec:
+                    line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.2f}"
+                bar.write(line)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            last.update(rec)
+            save_every = self.cfg.checkpoint.save_interval
+            if self._stop_signal is not None or (save_every and self.step % save_every == 0) or self.step == t.steps:
+                self.save()
+            if self._stop_signal is not None:
+                if self.is_logger:
+                    bar.write(f"signal {self._stop_signal}: checkpoint saved at step {self.step}, exiting")
+                break
+        bar.close()
+        if self.is_logger and self.step == t.steps:
+            from .plot import plot_loss
+            plot_loss(self.run_dir)
+        return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    args, rest = ap.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+    try:
+        overrides = parse_overrides(rest)
+        if args.run_dir:
+            overrides["run_dir"] = args.run_dir
+        cfg = load_config(args.config, overrides)
+        trainer = Trainer(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = trainer.fit()
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if trainer.is_logger and result:
+        print(json.dumps({k: result[k] for k in ("step", "loss", "val_loss") if k in result}))
+    stopped = trainer._stop_signal is not None
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 124 if stopped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
