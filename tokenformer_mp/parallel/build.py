@@ -13,9 +13,22 @@ from ..model import Block, Embedding, FinalNorm, TokenFormer, init_weights, lm_l
 from .tensor_parallel import apply_tensor_parallel, vocab_parallel_lm_loss
 
 
+def _allocate(module: nn.Module, device="cpu") -> None:
+    """Like Module.to_empty, but keeps the shard attributes that tensor_parallel tags parameters with."""
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is not None and p.device.type == "meta":
+                new = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                new.__dict__.update(p.__dict__)
+                sub._parameters[name] = new
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.device.type == "meta":
+                sub._buffers[name] = torch.empty_like(b, device=device)
+
+
 def materialize(module: nn.Module, tp_group, seed: int, prefix: str = "") -> nn.Module:
     apply_tensor_parallel(module, tp_group)
-    module.to_empty(device="cpu")
+    _allocate(module)
     init_weights(module, seed, prefix)
     return module
 

@@ -42,17 +42,17 @@ def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
 
 def _all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
-    out = torch.empty((world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return torch.cat(out.unbind(0), dim=-1)
+    out = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)  # flat: gloo wants dim 0 = world * input
+    dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
+    return torch.cat(out.view((world,) + tuple(x.shape)).unbind(0), dim=-1)
 
 
 def _reduce_scatter_last(x: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
-    chunks = torch.stack(x.chunk(world, dim=-1), dim=0).contiguous()  # [world, ..., d/world]
-    out = torch.empty(chunks.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, chunks, group=group)
-    return out
+    chunks = torch.stack(x.chunk(world, dim=-1), dim=0)  # [world, ..., d/world]
+    out = torch.empty(chunks[0].numel(), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, chunks.view(-1), group=group)
+    return out.view(chunks.shape[1:])
 
 
 class _GatherLastDim(torch.autograd.Function):

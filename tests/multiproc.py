@@ -1,0 +1,52 @@
+"""Run a function on N local ranks over gloo (127.0.0.1 only) and collect what each returns."""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args, queue):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        buf = io.BytesIO()  # plain bytes: tensors sent through a Queue would die with the child's shared memory
+        torch.save(fn(*args), buf)
+        queue.put((rank, buf.getvalue(), None))
+    except BaseException:  # report, don't hang the parent
+        queue.put((rank, None, traceback.format_exc()))
+
+
+def run_ranks(world: int, fn, *args, timeout: float = 300.0) -> list:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results, errors = [None] * world, []
+    try:
+        for _ in range(world):
+            rank, value, err = queue.get(timeout=timeout)
+            results[rank] = None if value is None else torch.load(io.BytesIO(value), weights_only=False)
+            if err:
+                errors.append(f"rank {rank}:\n{err}")
+                break
+    finally:
+        for p in procs:
+            p.join(timeout=5 if errors else 60)
+            if p.is_alive():
+                p.kill()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return results
