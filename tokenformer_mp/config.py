@@ -142,6 +142,11 @@ def _coerce(value, tp, key: str):
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -195,8 +200,18 @@ def parse_overrides(args: list[str]) -> dict[str, object]:
                 raise ConfigError(f"{arg}: missing value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        out[key] = yaml.safe_load(raw)
+        out[key] = _scalar(raw)
     return out
+
+
+def _scalar(raw: str):
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def load_config(path: str | None = None, overrides: dict[str, object] | None = None) -> Config:

@@ -1,0 +1,68 @@
+"""Config errors name the key; overrides go through the same validation."""
+import re
+import pytest
+
+from tokenformer_mp.config import ConfigError, load_config, parse_overrides, validate
+
+
+def test_overrides_are_typed_and_dotted():
+    cfg = load_config("configs/tokenformer-150m.yaml", parse_overrides(["--train.steps", "20", "--train.lr=3e-4",
+                                                                        "--parallel.tp", "2"]))
+    assert cfg.train.steps == 20 and cfg.train.lr == 3e-4 and cfg.parallel.tp == 2
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.hiden_size": 10}, "model.hiden_size: unknown key (did you mean model.hidden_size?)"),
+    ({"trian.steps": 10}, "trian: unknown key"),
+    ({"train.steps": "ten"}, "train.steps: expected an integer"),
+    ({"train.activation_checkpointing": 1}, "train.activation_checkpointing: expected true/false"),
+])
+def test_structural_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config("configs/tokenformer-150m.yaml", overrides)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    ({"model.num_heads": 7}, "model.num_heads"),
+    ({"model.norm": "relu"}, "model.norm"),
+    ({"parallel.tp": 5}, "parallel.tp"),  # 12 heads
+    ({"parallel.pp": 13}, "parallel.pp"),  # 12 layers
+    ({"parallel.pp": 2, "parallel.zero_stage": 2}, "parallel.zero_stage"),
+    ({"train.min_lr": 1.0}, "train.min_lr"),
+])
+def test_meaning_errors_name_the_key(overrides, key):
+    cfg = load_config("configs/tokenformer-150m.yaml", overrides)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg, check_paths=False)
+
+
+def test_vocab_larger_than_embedding():
+    cfg = load_config("configs/tokenformer-150m.yaml")
+    with pytest.raises(ConfigError, match="model.vocab_size: the tokenizer has 60000 ids"):
+        validate(cfg, check_paths=False, tokenizer_vocab=60000)
+
+
+def test_layout_not_dividing_world():
+    cfg = load_config("configs/tokenformer-150m.yaml", {"parallel.tp": 2, "parallel.pp": 2})
+    with pytest.raises(ConfigError, match="does not divide the world size 6"):
+        validate(cfg, check_paths=False, world_size=6)
+
+
+def test_missing_data_and_tokenizer(tmp_path):
+    cfg = load_config("configs/tokenformer-150m.yaml", {"data.prefixes": [str(tmp_path / "nope")]})
+    with pytest.raises(ConfigError, match=r"data\.prefixes\[0\]: .*nope\.bin does not exist"):
+        validate(cfg)
+    (tmp_path / "d.bin").write_bytes(b""); (tmp_path / "d.idx").write_bytes(b"")
+    cfg = load_config("configs/tokenformer-150m.yaml", {"data.prefixes": [str(tmp_path / "d")],
+                                                        "data.tokenizer_model": str(tmp_path / "tok.json")})
+    with pytest.raises(ConfigError, match=r"data\.tokenizer_model"):
+        validate(cfg)
+
+
+def test_missing_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(str(bad))

@@ -1,0 +1,126 @@
+"""Pattention against an independent float64 formula, exact expansion, parameter counts."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tokenformer_mp.config import ModelConfig, load_config
+from tokenformer_mp.model import Pattention, TokenFormer, count_params, flops_per_token
+
+
+def reference(x, K, V, norm, n_scale):
+    """The paper's formulas written out in float64, straight from the definitions."""
+    A = x.double() @ K.double().T
+    tau = math.sqrt(n_scale)
+    if norm == "l2_norm_gelu":
+        W = F.gelu(A / torch.sqrt((A * A).sum(-1, keepdim=True)) * tau)
+    elif norm == "gelu_l2_norm":
+        G = F.gelu(A)
+        W = G / torch.sqrt((G * G).sum(-1, keepdim=True)) * tau
+    else:
+        E = torch.exp(A)
+        W = E / E.sum(-1, keepdim=True) * n_scale
+    return W @ V.double()
+
+
+@pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm", "softmax"])
+def test_pattention_matches_float64_formula(norm):
+    torch.manual_seed(0)
+    p = Pattention(24, 40, 96, norm=norm)
+    x = torch.randn(3, 5, 24)
+    expected = reference(x, p.key_tokens, p.value_tokens, norm, 96)
+    torch.testing.assert_close(p(x).double(), expected, rtol=1e-5, atol=1e-6)
+    # gradients: the fused backward against autograd through the float64 formula
+    x64 = x.double().requires_grad_()
+    K, V = p.key_tokens.detach().double().requires_grad_(), p.value_tokens.detach().double().requires_grad_()
+    reference(x64, K, V, norm, 96).square().sum().backward()
+    xs = x.clone().requires_grad_()
+    p(xs).square().sum().backward()
+    torch.testing.assert_close(xs.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(p.key_tokens.grad.double(), K.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(p.value_tokens.grad.double(), V.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_l2_norm_gelu_gradcheck():
+    p = Pattention(6, 5, 7).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(p, (x,))
+
+
+def test_zero_score_row_is_zero_not_nan():
+    p = Pattention(8, 4, 16)
+    out = p(torch.zeros(2, 8))
+    assert torch.equal(out, torch.zeros(2, 4))
+    out.sum().backward()
+    assert torch.isfinite(p.key_tokens.grad).all()
+
+
+def test_expand_with_zero_keys_is_exact():
+    torch.manual_seed(1)
+    p = Pattention(64, 48, 100)
+    x = torch.randn(4, 7, 64)
+    before = p(x)
+    tau = p.tau
+    p.expand(300)  # 4x the tokens
+    assert p.num_tokens == 400 and p.key_tokens.shape == (400, 64) and p.tau == tau
+    assert torch.equal(p.key_tokens[100:], torch.zeros(300, 64))
+    # Exact in arithmetic; in fp32 only BLAS's summation order over the longer token axis differs.
+    after = p(x)
+    assert (after - before).abs().max() <= 1e-6 * before.abs().max()
+    p64 = Pattention(64, 48, 100).double()
+    x64 = x.double()
+    b64 = p64(x64)
+    p64.expand(300)
+    assert (p64(x64) - b64).abs().max() <= 1e-15  # float64: equal to the last bits
+    p.expand(10, key_init="normal")
+    assert not torch.allclose(p(x), before)  # the reference's random growth changes the function
+
+
+def test_expanded_tokens_train():
+    """Zero keys with non-zero values receive gradient (zero keys AND values would be dead forever)."""
+    p = Pattention(16, 16, 8)
+    p.expand(8)
+    p(torch.randn(5, 16)).square().sum().backward()
+    assert p.key_tokens.grad[8:].abs().sum() > 0
+
+
+def test_tau_survives_state_dict():
+    p = Pattention(8, 8, 16, scale_tokens=4)
+    q = Pattention(8, 8, 16)
+    q.load_state_dict(p.state_dict())
+    assert q.tau == 2.0
+
+
+@pytest.mark.parametrize("name,params", [
+    ("150m", 151.9e6), ("450m", 454.2e6), ("900m", 903.3e6), ("1.5b", 1587.2e6),
+    ("124m", 123.6e6), ("354m", 354.2e6), ("757m", 753.8e6), ("1.4b", 1309.7e6)])
+def test_parameter_counts_match_the_paper_table(name, params):
+    cfg = load_config(f"configs/tokenformer-{name}.yaml")
+    assert abs(count_params(cfg.model)["params"] - params) / params < 0.01
+
+
+def test_counted_params_equal_the_module():
+    cfg = ModelConfig(num_layers=3, hidden_size=32, num_heads=2, qkv_tokens=20, proj_tokens=12, ffn_tokens=50,
+                      vocab_size=128)
+    model = TokenFormer(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count_params(cfg)["params"]
+
+
+def test_info_cli_prints_json():
+    out = subprocess.run([sys.executable, "-m", "tokenformer_mp.info", "--config", "configs/tokenformer-150m.yaml"],
+                         capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    assert info["params"] == 151881216 and info["non_embedding_params"] == 113246208
+    # Table 3: 3 x (2N + 2 V d + 4 L d T)
+    assert info["flops_per_token"] == 3 * (2 * 113246208 + 2 * 50304 * 768 + 4 * 12 * 768 * 2048)
+
+
+def test_model_loss_is_near_uniform_at_init():
+    cfg = ModelConfig(vocab_size=512, seq_length=32)
+    model = TokenFormer(cfg)
+    tokens = torch.randint(0, 512, (2, 32))
+    assert abs(model(tokens, tokens).item() - math.log(512)) < 0.1
