@@ -24,39 +24,44 @@ def _identity(x):
 
 # --- Pattention -------------------------------------------------------------------------------------------------
 
-class _L2NormGelu(torch.autograd.Function):
-    """gelu(A * tau / ||A||_2) over the token axis, fused: saves only the scaled scores and the row scale.
+class _L2NormGeluScores(torch.autograd.Function):
+    """gelu(tau * A / ||A||_2) with A = x @ K^T, normalised over the token axis; fused so the scores are scaled in
+    place and only (x, K, z, scale) are kept for backward.
 
     `reduce` sums a per-row statistic over all parameter-token shards (identity when unsharded), in the forward
-    (sum of squares) and in the backward (sum of dz * z); one float per row each way.
+    (sum of squares) and in the backward (sum of dz * z): one float per row each way.
     """
 
     @staticmethod
-    def forward(ctx, scores, tau: float, reduce):
-        stat = torch.promote_types(scores.dtype, torch.float32)  # row statistics in fp32 even under bf16
-        sumsq = torch.linalg.vector_norm(scores, dim=-1, keepdim=True, dtype=stat).square_()
-        norm = reduce(sumsq).sqrt_()
+    def forward(ctx, x, keys, tau: float, reduce):
+        z = x @ keys.t()  # A: [..., n]
+        stat = torch.promote_types(z.dtype, torch.float32)  # row statistics in fp32 even under bf16
+        norm = reduce(torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=stat).square_()).sqrt_()
         scale = tau / norm.clamp_min(NORM_EPS)  # [..., 1]
-        z = scores * scale.to(scores.dtype)
-        ctx.save_for_backward(z, scale, norm)
+        z.mul_(scale.to(z.dtype))
+        ctx.save_for_backward(x, keys, z, scale, norm)
         ctx.tau, ctx.reduce = tau, reduce
         return F.gelu(z)
 
     @staticmethod
     def backward(ctx, grad_out):
-        z, scale, norm = ctx.saved_tensors
+        x, keys, z, scale, norm = ctx.saved_tensors
         dz = torch.ops.aten.gelu_backward(grad_out, z)
         # d z_j / d A_i = s (delta_ij - z_i z_j / tau^2): the norm couples every token of a row.
         dot = ctx.reduce(torch.linalg.vecdot(dz.to(norm.dtype), z.to(norm.dtype), dim=-1).unsqueeze(-1))
         coef = torch.where(norm > NORM_EPS, dot / ctx.tau**2, torch.zeros_like(dot))
-        grad = torch.addcmul(dz, z, coef.to(z.dtype), value=-1.0).mul_(scale.to(z.dtype))
-        return grad, None, None
+        da = dz.addcmul_(z, coef.to(z.dtype), value=-1.0).mul_(scale.to(z.dtype))  # dL/dA, in place
+        grad_x = da @ keys if ctx.needs_input_grad[0] else None
+        grad_k = da.flatten(0, -2).t() @ x.flatten(0, -2) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_k, None, None
 
 
-def normalize_scores(scores: torch.Tensor, norm: str, tau: float, reduce=_identity, reduce_max=_identity):
-    """The Pattention non-linearity Theta over the last (parameter-token) axis. scores: [..., n]."""
+def pattention_weights(x: torch.Tensor, keys: torch.Tensor, norm: str, tau: float, reduce=_identity,
+                       reduce_max=_identity) -> torch.Tensor:
+    """Theta(x @ K^T): the attention weights over parameter tokens. x: [..., d_in], keys: [n, d_in] -> [..., n]."""
     if norm == "l2_norm_gelu":  # paper eq. 4 / 16, the default
-        return _L2NormGelu.apply(scores, tau, reduce)
+        return _L2NormGeluScores.apply(x, keys, tau, reduce)
+    scores = x @ keys.t()
     if norm == "gelu_l2_norm":
         g = F.gelu(scores)
         sumsq = reduce(g.float().square().sum(-1, keepdim=True))
@@ -106,8 +111,8 @@ class Pattention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)
-        scores = x @ self.key_tokens.t()  # [..., n]
-        weights = normalize_scores(scores, self.norm, self.tau, self.reduce_over_tokens, self.max_over_tokens)
+        weights = pattention_weights(x, self.key_tokens, self.norm, self.tau, self.reduce_over_tokens,
+                                     self.max_over_tokens)  # [..., n]
         return self.exit(weights @ self.value_tokens)  # [..., out_features]
 
     @torch.no_grad()
