@@ -51,12 +51,13 @@ def deepspeed_config(cfg: Config, dp: int, precision: str) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay parameter tokens and the embedding (2-D); not norms (1-D), as the reference recipe."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """One group, decayed: parameter tokens, embedding and the final LayerNorm alike.
+
+    The reference leaves norms undecayed, but here the only norm parameters are the final LayerNorm's (2 x hidden
+    values): block norms are non-parametric. A separate group would exist on the last pipeline stage only, and
+    DeepSpeed's ZeRO all-reduces the grad norm once per group across stages, so unequal group counts deadlock.
+    """
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -124,14 +125,13 @@ class MetricsWriter:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
-        from .data.datasets import build_datasets
+    def __init__(self, cfg: Config, datasets=None, tokenizer=None):
+        """datasets/tokenizer: given ones replace those named by cfg.data (tests, notebooks)."""
         from .parallel import groups
         from .parallel.launch import init_distributed, pick_device
-        from .tokenizer import build_tokenizer
 
         self.cfg = cfg
-        validate(cfg, check_paths=True)  # before any process group or allocation
+        validate(cfg, check_paths=datasets is None)  # before any process group or allocation
         self.device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", 0)))
         le = init_distributed(self.device)
         validate(cfg, check_paths=False, world_size=le.world_size)
@@ -141,7 +141,10 @@ class Trainer:
         self.layout = Layout(tp, pp, sizes["dp"], groups.ps.get_data_parallel_rank(), le.rank, le.world_size)
         self.is_logger = le.rank == 0
 
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        if tokenizer is None:
+            from .tokenizer import build_tokenizer
+            tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        self.tokenizer = tokenizer
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = pad_vocab(self.tokenizer.vocab_size, cfg.model.pad_vocab_multiple)
         validate(cfg, check_paths=False, tokenizer_vocab=self.tokenizer.vocab_size, world_size=le.world_size)
@@ -157,9 +160,12 @@ class Trainer:
 
         t = cfg.train
         G = t.micro_batch_size * t.grad_accum_steps * self.layout.dp
-        cache = cfg.data.cache_dir or os.path.join(self.run_dir, "data_cache")
-        train_ds, valid_ds, _ = build_datasets(cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length,
-                                               t.seed, (t.steps * G, max(1, t.eval_iters * G), 0), self.tokenizer, cache)
+        if datasets is None:
+            from .data.datasets import build_datasets
+            cache = cfg.data.cache_dir or os.path.join(self.run_dir, "data_cache")
+            datasets = build_datasets(cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length,
+                                      t.seed, (t.steps * G, max(1, t.eval_iters * G), 0), self.tokenizer, cache)
+        train_ds, valid_ds = datasets[0], datasets[1]
         self.train_batches = Batches(train_ds, self.layout, t.micro_batch_size, t.grad_accum_steps, self.device)
         self.valid_batches = Batches(valid_ds, self.layout, t.micro_batch_size, t.grad_accum_steps, self.device) \
             if valid_ds is not None and len(valid_ds) > 0 else None
@@ -266,13 +272,13 @@ class Trainer:
         from .flops import measure_matmul_flops
         peak = measure_matmul_flops(self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32))
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True)
-        last = {}
+        last, skipped_before = {}, 0
         while self.step < t.steps:
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             start = time.perf_counter()
             loss, norm = self.train_step()
             elapsed = time.perf_counter() - start
-            lr = self.scheduler.get_last_lr()[0]
-            skipped = self.precision == "fp16" and getattr(self.engine, "skipped_steps", 0) > last.get("skipped", 0)
+            skipped = getattr(self.engine, "skipped_steps", 0) > skipped_before  # fp16 overflow
             if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
                 raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {norm} is not finite; stopping. "
                                        f"The last good checkpoint in {self.ckpt_dir} is kept.")
@@ -284,7 +290,7 @@ class Trainer:
             if skipped:
                 rec["skipped"] = True
                 bar.write(f"step {self.step}: fp16 overflow, step skipped, loss scale lowered")
-            last["skipped"] = getattr(self.engine, "skipped_steps", 0)
+            skipped_before = getattr(self.engine, "skipped_steps", 0)
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
                 val = self.evaluate()
                 if val is not None:
