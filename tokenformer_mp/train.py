@@ -173,6 +173,7 @@ class Trainer:
         self.flops_per_token = flops_per_token(cfg.model)
         self.metrics = MetricsWriter(self.run_dir, self.is_logger)
         self.step = 0
+        self.history: list[dict] = []  # every step's record, on every rank (tests compare layouts with it)
         self._stop_signal = None
 
     # --- engine -----------------------------------------------------------------------------------------------
@@ -255,6 +256,10 @@ class Trainer:
         if src is not None:
             state = load_checkpoint(self, src)
             self.step = state["step"]
+            self.scheduler.last_epoch = self.step  # DeepSpeed restores it from its own files; not from layout-free
+            for group, lr in zip(self.optimizer.param_groups, [lr_at(self.step, self.cfg)] * 99):
+                group["lr"] = lr
+            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
             if self.is_logger:
                 log.info("resumed from %s at step %d", src, self.step)
 
@@ -296,6 +301,7 @@ class Trainer:
                 if val is not None:
                     rec["val_loss"], rec["val_ppl"] = val, math.exp(min(val, 50.0))
             self.metrics.write(rec)
+            self.history.append(rec)
             if self.is_logger and (self.step % t.log_interval == 0 or "val_loss" in rec):
                 line = (f"step {self.step:>6}/{t.steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {norm:.3f} | "
                         f"tok/s {tps:,.0f} | mfu {rec['mfu']:.1%}")
