@@ -20,6 +20,9 @@ LATEST = "latest"
 FORMAT = "tokenformer_mp.layout_free.v1"
 MANIFEST = "manifest.json"
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
+# Config keys that change the function but not any tensor's shape: a mismatch would load silently otherwise.
+FUNCTION_KEYS = ("norm", "num_heads", "rotary_pct", "rotary_base", "layernorm_eps", "qkv_scale_tokens",
+                 "proj_scale_tokens", "ffn_scale_tokens")
 
 
 class CheckpointError(RuntimeError):
@@ -191,6 +194,16 @@ def load_layout_free(trainer, path: str, load_optimizer: bool = True) -> dict:
             problems.append(f"{name}: missing from the checkpoint")
         elif e["shape"] != full_shape:
             problems.append(f"{name}: checkpoint {e['shape']} vs model {full_shape}")
+    model_cfg = trainer.cfg.model
+    for key in FUNCTION_KEYS:
+        want = manifest["model"].get(key)
+        if key.endswith("_scale_tokens"):  # None means "the token count": compare what tau really is
+            kind = key[: -len("_scale_tokens")]
+            want, have = want or manifest["model"][f"{kind}_tokens"], model_cfg.scale_tokens(kind)
+        else:
+            have = getattr(model_cfg, key)
+        if want != have:
+            problems.append(f"model.{key}: checkpoint {want} vs config {have}")
     if problems:
         raise CheckpointError(f"{path}: does not match the model:\n  " + "\n  ".join(problems))
     opt = manifest.get("optimizer")
@@ -234,7 +247,7 @@ def load_checkpoint(trainer, ckpt_dir: str) -> dict:
     a layout-free checkpoint directory (e.g. what the resharding tool wrote)."""
     if os.path.exists(os.path.join(ckpt_dir, MANIFEST)):
         manifest = load_layout_free(trainer, ckpt_dir)
-        return {"step": manifest["step"] if manifest.get("optimizer") else 0, "manifest": manifest}
+        return {"step": manifest["step"], "manifest": manifest}
     tag = read_latest(ckpt_dir)
     if tag is None:
         raise CheckpointError(f"{ckpt_dir}: neither a '{LATEST}' file nor a {MANIFEST}: not a checkpoint")

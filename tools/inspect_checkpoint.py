@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Print a checkpoint's manifest: config, layout, step, and every tensor's shape, dtype and checksum."""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from tokenformer_mp.checkpoint import CheckpointError, read_manifest, verify  # noqa: E402
+from tokenformer_mp.reshard import resolve_source  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("path")
+    ap.add_argument("--verify", action="store_true", help="recompute every checksum")
+    ap.add_argument("--json", action="store_true", help="the whole manifest as JSON")
+    args = ap.parse_args(argv)
+    try:
+        path = resolve_source(args.path)
+        m = read_manifest(path)
+        if args.verify:
+            verify(path, m)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    model = m["model"]
+    print(f"{path}\nformat {m['format']}  step {m['step']}  tokens_seen {m['tokens_seen']}  "
+          f"source layout {m['source_layout']}  optimizer {'yes' if m.get('optimizer') else 'no'}")
+    print("model " + " ".join(f"{k}={v}" for k, v in model.items()))
+    for name, e in m["tensors"].items():
+        print(f"  {name:<45} {str(e['shape']):<14} {e['dtype']:<8} {','.join(e['keys']):<28} {e['sha256'][:12]}")
+    if args.verify:
+        print("checksums: all ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
