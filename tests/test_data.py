@@ -1,0 +1,342 @@
+"""Data pipeline tests on real files: minipile's tiny shard, the GPT-NeoX tokenizer, a SentencePiece model trained here."""
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import zstandard
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from tokenformer_mp.data.bench import benchmark_preprocessing
+from tokenformer_mp.data.datasets import build_datasets
+from tokenformer_mp.data.preprocess import preprocess
+from tokenformer_mp.data.reader import BadLine, ReadStats, iter_lines, read_texts
+from tokenformer_mp.data.train_tokenizer import train_tokenizer
+from tokenformer_mp.tokenizer import build_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TOKENFORMER_SHARED", REPO.parent / "shared"))
+TINY = str(SHARED / "data/minipile/tiny.jsonl.zst")
+VAL = str(SHARED / "data/minipile/val.jsonl.zst")
+NEOX = str(SHARED / "tokenizers/gpt-neox-20b/tokenizer.json")
+TINY_DOCS = 500
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(TINY), reason=f"shared test data not found under {SHARED}")
+
+
+@pytest.fixture(scope="module")
+def tiny_texts() -> list[str]:
+    return [t for (t,) in read_texts([TINY])]
+
+
+@pytest.fixture(scope="module")
+def neox():
+    return build_tokenizer("HFTokenizer", NEOX)
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory) -> str:
+    return train_tokenizer([TINY], str(tmp_path_factory.mktemp("sp") / "sp512"), vocab_size=512, max_sentences=5000)
+
+
+@pytest.fixture(scope="module")
+def neox_prefix(tmp_path_factory) -> str:
+    """tiny tokenized by two worker processes."""
+    out = preprocess([TINY], str(tmp_path_factory.mktemp("neox") / "tiny"), "HFTokenizer", NEOX, workers=2, progress=False)
+    return out["outputs"]["text"]
+
+
+@pytest.fixture(scope="module")
+def val_prefix(tmp_path_factory) -> str:
+    out = preprocess([VAL], str(tmp_path_factory.mktemp("val") / "val"), "HFTokenizer", NEOX, max_docs=100, progress=False)
+    return out["outputs"]["text"]
+
+
+# --- tokenizers ---
+
+SAMPLES = ["Hello  world\n\n\tindented", "naïve café, 漢字 and 🙂", " leading space", "x = [1, 22, 333]\n", ""]
+
+
+def test_neox_tokenizer(neox, tiny_texts):
+    assert (neox.vocab_size, neox.eod, neox.pad) == (50277, 0, 1)
+    assert neox.encode("<|endoftext|>") == [0]
+    for text in SAMPLES + tiny_texts[:50]:
+        assert neox.decode(neox.encode(text)) == text
+    assert neox.encode_batch(tiny_texts[:50]) == [neox.encode(t) for t in tiny_texts[:50]]
+
+
+def test_sentencepiece_tokenizer(sp_model, tiny_texts):
+    sp = build_tokenizer("SentencePieceTokenizer", sp_model)
+    assert (sp.vocab_size, sp.eod, sp.pad) == (512, 2, 3)
+    for text in SAMPLES + tiny_texts[:50]:  # byte fallback: lossless, newlines and emoji included
+        assert sp.decode(sp.encode(text)) == text
+    ids = sp.encode(tiny_texts[0])
+    assert len(ids) > 0 and max(ids) < 512 and sp.eod not in ids
+    assert sp.encode_batch(tiny_texts[:50]) == [sp.encode(t) for t in tiny_texts[:50]]
+
+
+def test_build_tokenizer_errors(tmp_path, sp_model):
+    with pytest.raises(ValueError, match="GPT2BPETokenizer"):
+        build_tokenizer("GPT2BPETokenizer", NEOX)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        build_tokenizer("HFTokenizer", str(tmp_path / "nope.json"))
+    with pytest.raises(FileExistsError, match=r"sp512\.model"):  # train_tokenizer refuses to overwrite
+        train_tokenizer([TINY], sp_model[: -len(".model")], vocab_size=512)
+
+
+# --- preprocessing ---
+
+
+def assert_round_trip(prefix: str, tok, texts: list[str]) -> None:
+    ds = IndexedDataset(prefix)
+    assert len(ds) == len(texts)
+    assert ds.index.dtype == np.uint16  # both vocabularies are below 65500 ids
+    for i, text in enumerate(texts):
+        assert ds[i].tolist() == tok.encode(text) + [tok.eod], f"document {i}"
+
+
+def test_preprocess_neox_round_trip(neox_prefix, neox, tiny_texts):
+    assert len(tiny_texts) == TINY_DOCS
+    assert_round_trip(neox_prefix, neox, tiny_texts)
+
+
+def test_preprocess_sentencepiece_round_trip(tmp_path, sp_model, tiny_texts):
+    sp = build_tokenizer("SentencePieceTokenizer", sp_model)
+    stats = preprocess([TINY], str(tmp_path / "sp"), "SentencePieceTokenizer", sp_model, batch_size=64, progress=False)
+    assert (stats["docs"], stats["bad_lines"]) == (TINY_DOCS, 0)
+    assert stats["tokens"] == sum(len(ids) + 1 for ids in sp.encode_batch(tiny_texts))
+    assert stats["bytes"] == sum(len(t.encode()) for t in tiny_texts)
+    assert_round_trip(stats["outputs"]["text"], sp, tiny_texts)
+
+
+def test_preprocess_several_keys_without_eod(tmp_path, neox):
+    rows = [{"text": f"document {i}", "title": f"title {i}"} for i in range(7)]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = preprocess([str(src)], str(tmp_path / "out"), "HFTokenizer", NEOX, json_keys=["text", "title"],
+                       append_eod=False, progress=False)  # fmt: skip
+    for key in ("text", "title"):
+        ds = IndexedDataset(stats["outputs"][key])
+        assert [ds[i].tolist() for i in range(len(ds))] == [neox.encode(r[key]) for r in rows]
+
+
+@pytest.fixture
+def bad_inputs(tmp_path) -> tuple[Path, Path, list[str]]:
+    """A .jsonl with 4 bad lines among 6 good ones, and a .jsonl.zst cut in half."""
+    lines = [
+        b'{"text": "good 1"}',
+        b'{"text": "bad json',  # line 2
+        b'{"txt": "missing key"}',  # line 3
+        b'{"text": 42}',  # line 4
+        b'{"text": "good 2"}',
+        b"",  # blank: neither a document nor a bad line
+        b'{"text": "bad \xff\xfe utf-8"}',  # line 7
+        b'{"text": "good 3", "meta": {"pile_set_name": "x"}}',
+        b'{"text": "good 4"}',
+        b'{"text": "good 5"}',
+        b'{"text": "good 6"}',
+    ]
+    plain = tmp_path / "a.jsonl"
+    plain.write_bytes(b"\n".join(lines) + b"\n")
+    many = [json.dumps({"text": f"zst document {i} " + "x" * (i % 97)}) for i in range(5000)]
+    blob = zstandard.ZstdCompressor().compress("\n".join(many).encode() + b"\n")
+    cut = tmp_path / "b.jsonl.zst"
+    cut.write_bytes(blob[: len(blob) // 2])
+    return plain, cut, [json.loads(m)["text"] for m in many]
+
+
+def test_bad_lines_counted_and_reported(bad_inputs, caplog):
+    plain, cut, zst_texts = bad_inputs
+    stats = ReadStats()
+    with caplog.at_level(logging.WARNING, logger="tokenformer_mp.data.reader"):
+        texts = [t for (t,) in read_texts([str(plain), str(cut)], stats=stats)]
+    assert texts[:6] == [f"good {i}" for i in range(1, 7)]
+    read_from_cut = texts[6:]
+    assert 0 < len(read_from_cut) < len(zst_texts)
+    assert read_from_cut == zst_texts[: len(read_from_cut)]  # a clean prefix, then the damage is one bad line
+    assert (stats.docs, stats.bad_lines) == (len(texts), 5)
+    report = caplog.text
+    for where in (f"{plain}:2: invalid JSON", f"{plain}:3: missing key 'text'", f"{plain}:4: key 'text' holds a int",
+                  f"{plain}:7: invalid UTF-8", f"{cut}:{len(read_from_cut) + 1}: corrupt zstd stream"):  # fmt: skip
+        assert where in report
+
+
+def test_bad_line_report_is_capped(bad_inputs, caplog):
+    plain, _, _ = bad_inputs
+    stats = ReadStats()
+    with caplog.at_level(logging.WARNING, logger="tokenformer_mp.data.reader"):
+        assert len(list(read_texts([str(plain)] * 3, stats=stats, max_reported=5))) == 18
+    assert stats.bad_lines == 12
+    assert len(caplog.records) == 6  # 5 lines reported, then one notice that more were counted
+
+
+def test_strict_raises_with_file_and_line(bad_inputs, tmp_path):
+    plain, cut, _ = bad_inputs
+    with pytest.raises(BadLine, match=f"{plain}:2: invalid JSON"):
+        list(read_texts([str(plain)], strict=True))
+    with pytest.raises(BadLine, match=f"{cut}:[0-9]+: corrupt zstd stream"):
+        list(read_texts([str(cut)], strict=True))
+    stats = preprocess([str(plain)], str(tmp_path / "lenient"), "HFTokenizer", NEOX, progress=False)
+    assert (stats["docs"], stats["bad_lines"]) == (6, 4)
+
+
+def test_inputs_must_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no input file matches .*nothing-\\*.jsonl"):
+        list(read_texts([str(tmp_path / "nothing-*.jsonl")]))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        preprocess([str(tmp_path / "missing.jsonl")], str(tmp_path / "o"), "HFTokenizer", NEOX, progress=False)
+
+
+def test_existing_output_refused(tmp_path):
+    prefix = str(tmp_path / "out")
+    first = preprocess([TINY], prefix, "HFTokenizer", NEOX, max_docs=20, progress=False)
+    assert first["docs"] == 20
+    with pytest.raises(FileExistsError, match=r"out_text_document\.bin"):
+        preprocess([TINY], prefix, "HFTokenizer", NEOX, max_docs=10, progress=False)
+    assert len(IndexedDataset(first["outputs"]["text"])) == 20  # untouched
+    preprocess([TINY], prefix, "HFTokenizer", NEOX, max_docs=10, overwrite=True, progress=False)
+    assert len(IndexedDataset(first["outputs"]["text"])) == 10
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_failure_midway_leaves_no_output(tmp_path, workers):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)) + "not json\n")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def fail(**kw):
+        with pytest.raises(BadLine, match=r"in\.jsonl:51"):
+            preprocess([str(src)], str(out / "x"), "HFTokenizer", NEOX, workers=workers, strict=True, batch_size=8,
+                       progress=False, **kw)  # fmt: skip
+
+    fail()
+    assert list(out.iterdir()) == []  # neither final nor temporary files
+    old = preprocess([TINY], str(out / "x"), "HFTokenizer", NEOX, max_docs=20, progress=False)["outputs"]["text"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    fail(overwrite=True)  # a failed overwrite keeps the previous output whole
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(before) == ["x_text_document.bin", "x_text_document.idx"] and len(IndexedDataset(old)) == 20
+
+
+def test_preprocess_cli(tmp_path):
+    cmd = [sys.executable, "tools/preprocess_data.py", "--input", TINY.replace("tiny", "t*y"), "--output-prefix",
+           str(tmp_path / "cli"), "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX, "--max-docs", "30"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("30 docs, ") and " 0 bad lines, " in run.stdout
+    assert len(IndexedDataset(str(tmp_path / "cli_text_document"))) == 30
+
+
+def test_benchmark_counts_agree(neox, tiny_texts):
+    result = benchmark_preprocessing([TINY], "HFTokenizer", NEOX, workers=1, max_docs=100, repeats=1)
+    assert result["docs"] == 100
+    assert result["tokens"] == sum(len(neox.encode(t)) for t in tiny_texts[:100])
+    assert result["ratio"] == pytest.approx(result["pipeline_tokens_per_s"] / result["bare_tokens_per_s"])
+    assert 0 < result["ratio"] < 10
+
+
+def test_bundled_sample():
+    domains = {"Speeches", "Books (Gutenberg)", "Emails"}
+    sizes = {split: os.path.getsize(REPO / f"data/sample/{split}.jsonl.zst") for split in ("train", "val")}
+    assert 2e6 <= sum(sizes.values()) <= 4e6
+    for split in sizes:
+        docs = [json.loads(line) for line in iter_lines(str(REPO / f"data/sample/{split}.jsonl.zst"))]
+        assert {d["meta"]["pile_set_name"] for d in docs} == domains
+        assert all(isinstance(d["text"], str) and d["text"] for d in docs)
+
+
+# --- datasets ---
+
+SEQ = 64
+SIZES = (1000, 40, 40)
+
+
+def blend(prefixes, seed, cache_dir, tok):
+    return build_datasets(prefixes, [0.5, 0.5], "90,5,5", SEQ, seed, SIZES, tok, cache_dir)
+
+
+def tokens_of(dataset, n: int) -> list[list[int]]:
+    return [dataset[i]["tokens"].tolist() for i in range(n)]
+
+
+def test_datasets_deterministic_and_shifted(neox_prefix, val_prefix, neox, tmp_path):
+    train, valid, test = blend([neox_prefix, val_prefix], 1234, str(tmp_path / "c1"), neox)
+    assert not dist.is_initialized()  # the temporary process group is gone
+    assert (len(train), len(valid), len(test)) == SIZES
+    sample = train[0]
+    assert set(sample) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert sample["tokens"].dtype == torch.int64 and sample["tokens"].shape == (SEQ,)
+    for ds in (train, valid, test):
+        for i in range(0, len(ds), 7):
+            s = ds[i]
+            assert torch.equal(s["labels"][:-1], s["tokens"][1:])
+            assert torch.equal(s["loss_mask"], torch.ones(SEQ))
+    again, *_ = blend([neox_prefix, val_prefix], 1234, str(tmp_path / "c2"), neox)
+    other, *_ = blend([neox_prefix, val_prefix], 99, str(tmp_path / "c1"), neox)
+    assert tokens_of(train, 50) == tokens_of(again, 50)
+    assert sum(a != b for a, b in zip(tokens_of(train, 50), tokens_of(other, 50))) > 40
+    # Weights 0.5/0.5: each prefix gives half the samples.
+    assert np.bincount(train.dataset.dataset_index[: len(train)]).tolist() == [500, 500]
+
+
+def test_no_sample_repeated_within_an_epoch(neox_prefix, val_prefix, neox, tmp_path):
+    train, *_ = blend([neox_prefix, val_prefix], 7, str(tmp_path), neox)
+    blended = train.dataset
+    docs = [IndexedDataset(p) for p in (neox_prefix, val_prefix)]
+    starts = set()
+    for i in range(len(train)):
+        which, j = int(blended.dataset_index[i]), int(blended.dataset_sample_index[i])
+        gpt = blended.datasets[which]
+        assert len(gpt.document_index) == len(gpt.indices)  # the index spans one epoch: each document once
+        begin_doc, offset = gpt.sample_index[gpt.shuffle_index[j]]
+        doc = int(gpt.document_index[begin_doc])
+        starts.add((which, doc, int(offset)))
+        assert train[i]["tokens"][0] == int(docs[which][doc][offset])  # the sample starts where the index says
+    assert len(starts) == len(train)
+
+
+def test_single_prefix(neox_prefix, neox, tmp_path):
+    train, valid, test = build_datasets([neox_prefix], None, "100,0,0", SEQ, 3, (200, 0, 0), neox, str(tmp_path))
+    assert (len(train), valid, test) == (200, None, None)
+    assert set(train[199]) == {"tokens", "labels", "loss_mask", "position_ids"}
+    with pytest.raises(IndexError):
+        train[200]
+
+
+def test_missing_prefix(neox_prefix, neox, tmp_path):
+    missing = str(tmp_path / "nothing_text_document")
+    with pytest.raises(FileNotFoundError, match="nothing_text_document"):
+        build_datasets([neox_prefix, missing], [1, 1], "90,5,5", SEQ, 1, SIZES, neox, None)
+
+
+def _rank_main(rank, store_path, prefixes, cache_dir, queue):
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    train, *_ = blend(prefixes, 1234, cache_dir, build_tokenizer("HFTokenizer", NEOX))
+    queue.put((rank, tokens_of(train, 20)))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_build_the_same_samples(neox_prefix, val_prefix, neox, tmp_path):
+    expected = tokens_of(blend([neox_prefix, val_prefix], 1234, str(tmp_path / "single"), neox)[0], 20)
+    ctx = mp.get_context("fork")  # the children inherit the imported modules: no 5 s megatron import each
+    queue = ctx.Queue()
+    args = (str(tmp_path / "store"), [neox_prefix, val_prefix], str(tmp_path / "shared"), queue)
+    procs = [ctx.Process(target=_rank_main, args=(rank, *args)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results == {0: expected, 1: expected}

@@ -1,0 +1,172 @@
+"""Tokenize Pile-format JSONL into megatron-core indexed datasets: `{output_prefix}_{key}_document.bin/.idx`.
+
+The main process reads and writes; `workers` processes tokenize batches of documents with the tokenizer's batch
+API and send back one flat numpy array per batch, so no per-token Python objects cross process boundaries.
+Output is written under temporary names and renamed into place only once complete.
+"""
+
+import itertools
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from tqdm import tqdm
+
+from tokenformer_mp.data.reader import ReadStats, expand_inputs, read_texts
+from tokenformer_mp.tokenizer import Tokenizer, build_tokenizer
+
+Encoded = tuple[np.ndarray, np.ndarray]  # (all tokens of a batch, flat; length of each document)
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    return DType.optimal_dtype(vocab_size)  # uint16 below 65500 ids, else int32
+
+
+def encode_to_arrays(tok: Tokenizer, texts: list[str], append_eod: bool, dtype: type[np.number]) -> Encoded:
+    docs = tok.encode_batch(texts)
+    if append_eod:
+        for ids in docs:
+            ids.append(tok.eod)
+    lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+    return np.fromiter(itertools.chain.from_iterable(docs), dtype, int(lengths.sum())), lengths
+
+
+# Worker-process state, set once by _init_worker rather than pickled with every batch.
+_worker: dict = {}
+
+
+def _init_worker(tok: Tokenizer, append_eod: bool, dtype: type[np.number]) -> None:
+    tok.single_thread()
+    _worker.update(tok=tok, eod=append_eod, dtype=dtype)
+
+
+def _encode_columns(columns: list[list[str]]) -> list[Encoded]:
+    return [encode_to_arrays(_worker["tok"], texts, _worker["eod"], _worker["dtype"]) for texts in columns]
+
+
+def ordered_map(pool, fn: Callable, items: Iterable, max_pending: int) -> Iterator:
+    """pool.imap with back-pressure: imap would read the whole input into its queue ahead of the workers."""
+    pending = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def batched_columns(rows: Iterable[tuple[str, ...]], batch_size: int) -> Iterator[list[list[str]]]:
+    """Batches of rows (one text per json key), transposed to one list of texts per key."""
+    it = iter(rows)
+    while batch := list(itertools.islice(it, batch_size)):
+        yield [list(col) for col in zip(*batch)]
+
+
+def output_prefixes(output_prefix: str, json_keys: Iterable[str]) -> dict[str, str]:
+    return {key: f"{output_prefix}_{key}_document" for key in json_keys}
+
+
+class _AtomicIndexedDataset:
+    """An IndexedDatasetBuilder writing to temporary names; commit() renames both files into place."""
+
+    def __init__(self, prefix: str, dtype: type[np.number]) -> None:
+        self.prefix, self.tmp = prefix, f"{prefix}.tmp{os.getpid()}"
+        self.builder = IndexedDatasetBuilder(self.tmp + ".bin", dtype=dtype)
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        ends = np.cumsum(lengths)
+        for start, end in zip((ends - lengths).tolist(), ends.tolist()):
+            self.builder.add_document(tokens[start:end], [end - start])
+
+    def commit(self) -> None:
+        self.builder.finalize(self.tmp + ".idx")
+        # Drop the old .idx first: a crash between the renames then leaves a lone .bin (no dataset), never a
+        # new .bin paired with a stale .idx.
+        if os.path.exists(self.prefix + ".idx"):
+            os.remove(self.prefix + ".idx")
+        os.replace(self.tmp + ".bin", self.prefix + ".bin")
+        os.replace(self.tmp + ".idx", self.prefix + ".idx")
+
+    def discard(self) -> None:
+        self.builder.data_file.close()
+        for ext in (".bin", ".idx"):
+            if os.path.exists(self.tmp + ext):
+                os.remove(self.tmp + ext)
+
+
+def preprocess(
+    inputs: list[str],
+    output_prefix: str,
+    tokenizer_type: str,
+    tokenizer_model: str,
+    json_keys: Iterable[str] = ("text",),
+    append_eod: bool = True,
+    workers: int = 1,
+    strict: bool = False,
+    overwrite: bool = False,
+    batch_size: int = 256,
+    max_docs: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Tokenize every document of `inputs` (files or globs) into one indexed dataset per json key.
+
+    workers=1 tokenizes in this process (the tokenizer library may use several threads); workers>1 uses that many
+    single-threaded processes. Returns counts: docs, tokens (all keys, EOD included), bad_lines, bytes (UTF-8 text
+    read), seconds, and the output prefixes by key.
+    """
+    t0 = time.perf_counter()
+    json_keys = tuple(json_keys)
+    files = expand_inputs(inputs)
+    tok = build_tokenizer(tokenizer_type, tokenizer_model)
+    dtype = token_dtype(tok.vocab_size)
+    prefixes = output_prefixes(output_prefix, json_keys)
+    for prefix in prefixes.values():
+        for path in (prefix + ".bin", prefix + ".idx"):
+            if os.path.exists(path) and not overwrite:
+                raise FileExistsError(f"output {path} exists; pass overwrite=True (--overwrite) to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+
+    stats = ReadStats()
+    rows = itertools.islice(read_texts(files, json_keys, strict=strict, stats=stats), max_docs)
+    batches = batched_columns(rows, batch_size)
+    outputs: dict[str, _AtomicIndexedDataset] = {}
+    pool = None
+    try:
+        for key, prefix in prefixes.items():
+            outputs[key] = _AtomicIndexedDataset(prefix, dtype)
+        if workers > 1:
+            # fork: workers start in milliseconds and inherit the loaded tokenizer, re-importing nothing.
+            pool = mp.get_context("fork").Pool(workers, _init_worker, (tok, append_eod, dtype))
+            encoded = ordered_map(pool, _encode_columns, batches, max_pending=4 * workers)
+        else:
+            encoded = ([encode_to_arrays(tok, texts, append_eod, dtype) for texts in cols] for cols in batches)
+        tokens = 0
+        with tqdm(unit="doc", unit_scale=True, disable=not progress, desc="tokenize") as bar:
+            for columns in encoded:
+                for key, (flat, lengths) in zip(json_keys, columns):
+                    outputs[key].add(flat, lengths)
+                    tokens += len(flat)
+                bar.update(len(columns[0][1]))
+                if progress:
+                    bar.set_postfix_str(f"{stats.bytes / 1e6 / (time.perf_counter() - t0):.1f} MB/s", refresh=False)
+        for out in outputs.values():
+            out.commit()
+    except BaseException:
+        for out in outputs.values():
+            out.discard()
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return dict(
+        docs=stats.docs,
+        tokens=tokens,
+        bad_lines=stats.bad_lines,
+        bytes=stats.bytes,
+        seconds=time.perf_counter() - t0,
+        outputs=prefixes,
+    )
