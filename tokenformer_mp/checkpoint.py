@@ -226,6 +226,39 @@ def load_layout_free(trainer, path: str, load_optimizer: bool = True) -> dict:
     return manifest
 
 
+def load_weights(model: torch.nn.Module, path: str) -> dict:
+    """Weights of a layout-free checkpoint into a plain, unsharded TokenFormer (evaluation, generation, tests)."""
+    from safetensors import safe_open
+
+    path = path if os.path.exists(os.path.join(path, MANIFEST)) else _resolve(path)
+    manifest = read_manifest(path)
+    state = {}
+    for name, e in manifest["tensors"].items():
+        with safe_open(os.path.join(path, e["file"]), framework="pt") as f:
+            state[name] = f.get_tensor("weight")
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(p.shape) != tuple(state[name].shape):
+                raise CheckpointError(f"{path}: {name}: checkpoint {list(state[name].shape)} vs model {list(p.shape)}")
+            p.copy_(state[name])
+    return manifest
+
+
+def _resolve(path: str) -> str:
+    from .reshard import resolve_source
+    return resolve_source(path)
+
+
+def model_config_of(path: str):
+    """The ModelConfig a layout-free checkpoint was written with."""
+    from .config import ModelConfig, _build
+    return _build(ModelConfig, read_manifest(_resolve(path))["model"])
+
+
 # --- training checkpoints ----------------------------------------------------------------------------------------
 
 def save_checkpoint(trainer, ckpt_dir: str, step: int, keep_last: int) -> None:

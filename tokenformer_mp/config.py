@@ -86,6 +86,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     activation_checkpointing: bool = False
     log_interval: int = 1
+    exit_after_steps: int = 0  # >0: save and exit after this many steps of this invocation (schedule unchanged)
     eval_interval: int = 50
     eval_iters: int = 5
 

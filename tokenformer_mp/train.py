@@ -277,7 +277,7 @@ class Trainer:
         from .flops import measure_matmul_flops
         peak = measure_matmul_flops(self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32))
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True)
-        last, skipped_before = {}, 0
+        last, skipped_before, first_step = {}, 0, self.step
         while self.step < t.steps:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             start = time.perf_counter()
@@ -312,8 +312,12 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.3f}")
             last.update(rec)
             save_every = self.cfg.checkpoint.save_interval
-            if self._stop_signal is not None or (save_every and self.step % save_every == 0) or self.step == t.steps:
+            exiting = t.exit_after_steps and self.step - first_step >= t.exit_after_steps
+            if self._stop_signal is not None or exiting or (save_every and self.step % save_every == 0) \
+                    or self.step == t.steps:
                 self.save()
+            if exiting:
+                break
             if self._stop_signal is not None:
                 if self.is_logger:
                     bar.write(f"signal {self._stop_signal}: checkpoint saved at step {self.step}, exiting")

@@ -1,0 +1,36 @@
+"""Shared fixtures: real text (../shared/data/minipile) tokenized once per test session."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TOKENFORMER_SHARED", REPO.parent / "shared"))
+MINIPILE = SHARED / "data" / "minipile"
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def minipile(tmp_path_factory) -> dict:
+    """A SentencePiece tokenizer trained on minipile's tiny shard, and that shard as an indexed dataset."""
+    if not (MINIPILE / "tiny.jsonl.zst").exists():
+        pytest.skip(f"shared test data not found under {SHARED}")
+    from tokenformer_mp.data.preprocess import preprocess
+    from tokenformer_mp.data.train_tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("minipile")
+    model = train_tokenizer([str(MINIPILE / "tiny.jsonl.zst")], str(out / "sp"), 1000)
+    preprocess([str(MINIPILE / "tiny.jsonl.zst")], str(out / "tiny"), "SentencePieceTokenizer", str(model),
+               append_eod=True, workers=1)
+    return {"prefix": str(out / "tiny_text_document"), "tokenizer": str(model)}
+
+
+def debug_overrides(data: dict, run_dir, **kw) -> dict:
+    """The debug config on minipile, small enough for several ranks on two cores."""
+    base = {"data.prefixes": [data["prefix"]], "data.tokenizer_model": data["tokenizer"],
+            "data.tokenizer_type": "SentencePieceTokenizer", "run_dir": str(run_dir),
+            "model.seq_length": 64, "train.micro_batch_size": 2, "train.grad_accum_steps": 2,
+            "train.eval_interval": 0, "train.warmup_steps": 2, "train.log_interval": 1}
+    base.update(kw)
+    return base

@@ -1,0 +1,85 @@
+"""The trainer end to end on real text: loss falls, every layout computes the same model, resume is exact."""
+import json
+import os
+
+import pytest
+
+from tests.conftest import debug_overrides
+from tests.multiproc import run_ranks
+from tests.runs import train
+
+
+def _run(world: int, overrides: dict) -> list[dict]:
+    return run_ranks(world, train, overrides)[0]
+
+
+def test_debug_training_loss_falls(minipile, tmp_path):
+    hist = _run(1, debug_overrides(minipile, tmp_path, **{
+        "train.steps": 60, "train.micro_batch_size": 8, "train.grad_accum_steps": 1, "train.warmup_steps": 5,
+        "train.eval_interval": 30, "train.eval_iters": 2, "train.log_interval": 10}))
+    first, last = sum(h["loss"] for h in hist[:5]) / 5, sum(h["loss"] for h in hist[-5:]) / 5
+    assert last < first - 1.0, (first, last)
+    vals = [h["val_loss"] for h in hist if "val_loss" in h]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(rows[0])
+    assert os.path.getsize(tmp_path / "loss.png") > 10_000
+
+
+LAYOUTS = {  # name: (world size, overrides); all with the same global batch as the baseline
+    "tp2": (2, {"parallel.tp": 2}),
+    "pp2": (2, {"parallel.pp": 2}),
+    "dp2_zero1": (2, {"train.grad_accum_steps": 1}),
+    "dp2_zero2": (2, {"train.grad_accum_steps": 1, "parallel.zero_stage": 2}),
+    "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
+}
+
+
+@pytest.fixture(scope="module")
+def baseline(minipile, tmp_path_factory):
+    return _run(1, debug_overrides(minipile, tmp_path_factory.mktemp("base"), **{"train.steps": 3}))
+
+
+def _assert_same(hist, ref, rel=1e-5):
+    assert len(hist) == len(ref) == 3
+    for h, r in zip(hist, ref):
+        assert abs(h["loss"] - r["loss"]) <= rel * abs(r["loss"]), (h["step"], h["loss"], r["loss"])
+        assert abs(h["grad_norm"] - r["grad_norm"]) <= rel * abs(r["grad_norm"]), (h["step"], h["grad_norm"], r["grad_norm"])
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_equals_one_process(name, minipile, baseline, tmp_path):
+    world, extra = LAYOUTS[name]
+    hist = _run(world, debug_overrides(minipile, tmp_path, **{"train.steps": 3, **extra}))
+    _assert_same(hist, baseline)
+
+
+def test_uneven_token_counts_at_tp4(minipile, tmp_path):
+    uneven = {"train.steps": 3, "model.qkv_tokens": 126, "model.proj_tokens": 66, "model.ffn_tokens": 510}
+    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **uneven))
+    hist = _run(4, debug_overrides(minipile, tmp_path / "b", **uneven, **{"parallel.tp": 4}))
+    _assert_same(hist, ref)
+
+
+def test_resume_is_exact(minipile, tmp_path):
+    """Stop at step 3 (checkpoint), start again: steps 4-6 equal the run that never stopped, bit for bit."""
+    kw = {"train.steps": 6}
+    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
+    first = _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 3}))
+    assert [h["step"] for h in first] == [1, 2, 3]
+    rest = _run(1, debug_overrides(minipile, tmp_path / "b", **kw))
+    assert [h["step"] for h in rest] == [4, 5, 6]
+    assert [h["loss"] for h in first + rest] == [h["loss"] for h in ref]
+    assert [h["grad_norm"] for h in first + rest] == [h["grad_norm"] for h in ref]
+
+
+def test_resume_at_another_layout(minipile, tmp_path):
+    """A TP=1 checkpoint continues at TP=2 x PP=2 (layout-free copy, Adam state included) like the unbroken run."""
+    kw = {"train.steps": 6}
+    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
+    _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 3}))
+    rest = _run(4, debug_overrides(minipile, tmp_path / "b", **kw, **{"parallel.tp": 2, "parallel.pp": 2}))
+    assert [h["step"] for h in rest] == [4, 5, 6]
+    for h, r in zip(rest, ref[3:]):
+        assert abs(h["loss"] - r["loss"]) <= 1e-5 * r["loss"]
