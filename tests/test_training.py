@@ -83,3 +83,11 @@ def test_resume_at_another_layout(minipile, tmp_path):
     assert [h["step"] for h in rest] == [4, 5, 6]
     for h, r in zip(rest, ref[3:]):
         assert abs(h["loss"] - r["loss"]) <= 1e-5 * r["loss"]
+
+
+def _args(overrides: dict) -> list[str]:
+    """Dotted overrides as command-line arguments."""
+    out = []
+    for k, v in overrides.items():
+        out += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    return out

@@ -248,6 +248,28 @@ def load_weights(model: torch.nn.Module, path: str) -> dict:
     return manifest
 
 
+def write_layout_free(tensors: dict[str, torch.Tensor], cfg, out: str, note: dict | None = None) -> None:
+    """Weights only (no optimizer state), from full tensors in one process: imports, tests, tools."""
+    from safetensors.torch import save_file
+    partial = out.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(os.path.join(partial, "tensors"))
+    entries = {}
+    for name, t in tensors.items():
+        path = os.path.join(partial, tensor_file(name))
+        save_file({"weight": t.detach().float().contiguous()}, path)
+        entries[name] = {"file": tensor_file(name), "shape": list(t.shape), "dtype": "float32", "keys": ["weight"],
+                         "sha256": sha256_file(path)}
+    manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict(),
+                "model": cfg.to_dict()["model"], "source_layout": {"tp": 1, "pp": 1, "dp": 1}, "step": 0,
+                "tokens_seen": 0, "optimizer": None, "tensors": dict(sorted(entries.items())),
+                "history": [note] if note else []}
+    write_atomic(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1))
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(partial, out)
+
+
 def _resolve(path: str) -> str:
     from .reshard import resolve_source
     return resolve_source(path)

@@ -1,0 +1,172 @@
+"""Layout-free checkpoints: reshard round trips, function-preserving expansion, import/export, crash safety."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import REPO, debug_overrides
+from tests.multiproc import run_ranks
+from tests.runs import evaluate_after_load, train
+from tokenformer_mp.checkpoint import (CheckpointError, load_weights, model_config_of, read_latest, read_manifest,
+                                       verify, write_layout_free)
+from tokenformer_mp.config import Config, ModelConfig
+from tokenformer_mp.convert import NEOX_LAYER, export_safetensors, import_neox
+from tokenformer_mp.inference import load_model
+from tokenformer_mp.model import TokenFormer
+from tokenformer_mp.reshard import ExpandPlan, reshard
+
+CFG = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, qkv_tokens=30, proj_tokens=18, ffn_tokens=70,
+                  seq_length=32, vocab_size=256)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    model = TokenFormer(CFG)
+    write_layout_free(dict(model.named_parameters()), Config(model=CFG), str(tmp_path / "src"))
+    return str(tmp_path / "src"), model
+
+
+def _logits(path, tokens):
+    model = TokenFormer(model_config_of(path))
+    load_weights(model, path)
+    with torch.no_grad():
+        return model(tokens)
+
+
+TOKENS = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+
+
+def test_round_trip_through_layouts_is_bit_identical(ckpt, tmp_path):
+    src, _ = ckpt
+    path = src
+    for i, (tp, pp) in enumerate([(2, 1), (4, 2), (1, 2), (1, 1)]):
+        out = str(tmp_path / f"hop{i}")
+        reshard(path, out, tp=tp, pp=pp, progress=False)
+        assert read_manifest(out)["config"]["parallel"]["tp"] == tp
+        path = out
+    a, b = read_manifest(src)["tensors"], read_manifest(path)["tensors"]
+    assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
+    verify(path)
+
+
+@pytest.mark.parametrize("plan", [
+    ExpandPlan({"qkv": 120, "proj": 72, "ffn": 280}),  # 4x
+    ExpandPlan({"qkv": 31, "proj": 18, "ffn": 77}),  # uneven growth, one kind unchanged
+])
+def test_expansion_with_zero_keys_preserves_the_function(ckpt, tmp_path, plan):
+    src, _ = ckpt
+    out = str(tmp_path / "grown")
+    reshard(src, out, tp=2, expand=plan, progress=False)
+    m = read_manifest(out)["model"]
+    assert (m["qkv_tokens"], m["qkv_scale_tokens"], m["ffn_scale_tokens"]) == (plan.tokens["qkv"], 30, 70)
+    before, after = _logits(src, TOKENS), _logits(out, TOKENS)
+    assert ((after - before).abs().max() / before.abs().max()).item() <= 1e-6
+
+
+def test_random_key_growth_changes_the_function(ckpt, tmp_path):
+    src, _ = ckpt
+    out = str(tmp_path / "grown")
+    reshard(src, out, expand=ExpandPlan({"qkv": 60, "proj": 36, "ffn": 140}, key_init="normal"), progress=False)
+    assert not torch.allclose(_logits(src, TOKENS), _logits(out, TOKENS), atol=1e-4)
+
+
+def test_shrinking_is_refused_unless_asked(ckpt, tmp_path):
+    src, _ = ckpt
+    with pytest.raises(CheckpointError, match="qkv_tokens: 20 < 30 would drop trained tokens"):
+        reshard(src, str(tmp_path / "s"), expand=ExpandPlan({"qkv": 20, "proj": 18, "ffn": 70}), progress=False)
+    assert not os.path.exists(tmp_path / "s")
+    reshard(src, str(tmp_path / "s"), expand=ExpandPlan({"qkv": 20, "proj": 18, "ffn": 70}, allow_shrink=True),
+            progress=False)
+    assert read_manifest(str(tmp_path / "s"))["tensors"]["layers.0.attention.query.key_tokens"]["shape"] == [20, 64]
+
+
+def test_impossible_layout_is_refused_before_writing(ckpt, tmp_path):
+    src, _ = ckpt
+    with pytest.raises(CheckpointError, match="parallel.tp: tp=3 does not divide model.num_heads=4"):
+        reshard(src, str(tmp_path / "x"), tp=3, progress=False)
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "x.partial")
+
+
+def test_corruption_and_mismatch_are_named(ckpt, tmp_path):
+    src, _ = ckpt
+    f = os.path.join(src, "tensors", "final_norm.bias.safetensors")
+    with open(f, "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(CheckpointError, match="final_norm.bias"):
+        verify(src)
+    other = TokenFormer(ModelConfig(**{**CFG.__dict__, "qkv_tokens": 31}))
+    with pytest.raises(CheckpointError, match=r"layers.0.attention.query.key_tokens: checkpoint \[30, 64\] vs model \[31, 64\]"):
+        load_weights(other, src)
+
+
+def test_import_official_layout_and_export(ckpt, tmp_path):
+    """A state dict in the reference's GPT-NeoX pipeline names imports to the same function; export round trips."""
+    _, model = ckpt
+    inverse = {v: k for k, v in NEOX_LAYER.items()}
+    sd = {}
+    for name, p in model.named_parameters():
+        if name == "embed.weight":
+            sd["sequential.0.word_embeddings.weight"] = p.detach()
+        elif name.startswith("final_norm."):
+            sd[f"sequential.{CFG.num_layers + 3}.norm.{name.split('.')[1]}"] = p.detach()
+        else:
+            _, i, rest = name.split(".", 2)
+            sd[f"sequential.{int(i) + 2}.{inverse[rest]}"] = p.detach()
+    sd["sequential.2.attention.rotary_emb.inv_freq"] = torch.ones(4)  # buffers are recomputed, not imported
+    import_neox(sd, CFG, str(tmp_path / "imported"))
+    with torch.no_grad():
+        expected = model(TOKENS)
+    torch.testing.assert_close(_logits(str(tmp_path / "imported"), TOKENS), expected, rtol=0, atol=0)
+    export_safetensors(str(tmp_path / "imported"), str(tmp_path / "export"))
+    exported, _ = load_model(str(tmp_path / "export"))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(TOKENS), expected, rtol=0, atol=0)
+    sd["sequential.99.mystery"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="sequential.99.mystery"):
+        import_neox(sd, CFG, str(tmp_path / "bad"))
+
+
+def test_trained_checkpoint_grows_and_reshards_without_changing_validation_loss(minipile, tmp_path):
+    """Train at TP=1, grow 2x with zero keys into TP=2: the validation loss at the new layout is unchanged."""
+    kw = {"train.steps": 4, "train.eval_interval": 4, "train.eval_iters": 2}
+    hist = run_ranks(1, train, debug_overrides(minipile, tmp_path / "run", **kw))[0]
+    src = str(tmp_path / "run" / "checkpoints")
+    out = str(tmp_path / "grown")
+    reshard(src, out, tp=2, expand=ExpandPlan({"qkv": 256, "proj": 256, "ffn": 1024}), progress=False)
+    grown = {"model.qkv_tokens": 256, "model.proj_tokens": 256, "model.ffn_tokens": 1024,
+             "model.qkv_scale_tokens": 128, "model.proj_scale_tokens": 128, "model.ffn_scale_tokens": 512,
+             "parallel.tp": 2, "checkpoint.load": out}
+    val = run_ranks(2, evaluate_after_load, debug_overrides(minipile, tmp_path / "run2", **kw, **grown))[0]
+    assert abs(val - hist[-1]["val_loss"]) <= 1e-6 * hist[-1]["val_loss"], (val, hist[-1]["val_loss"])
+    # the tools read it too
+    res = subprocess.run([sys.executable, "tools/evaluate.py", "--load", out, "--data", minipile["prefix"],
+                          "--max-docs", "20"], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["ppl"] > 1
+
+
+def test_kill_during_training_leaves_a_loadable_checkpoint(minipile, tmp_path):
+    """kill -9 at an arbitrary moment (saves every step): 'latest' names a complete, verified checkpoint."""
+    from tests.test_training import _args
+    run = tmp_path / "run"
+    args = _args(debug_overrides(minipile, run, **{"train.steps": 200, "checkpoint.save_interval": 1}))
+    proc = subprocess.Popen([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and read_latest(str(run / "checkpoints")) in (None, "global_step1", "global_step2"):
+        time.sleep(0.2)
+    time.sleep(0.37)  # somewhere inside a later step or save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    tag = read_latest(str(run / "checkpoints"))
+    assert tag is not None and int(tag[11:]) >= 3
+    verify(str(run / "checkpoints" / tag / "layout_free"))
+    hist = run_ranks(1, train, debug_overrides(minipile, run, **{"train.steps": int(tag[11:]) + 2}))[0]
+    assert [h["step"] for h in hist] == [int(tag[11:]) + 1, int(tag[11:]) + 2]

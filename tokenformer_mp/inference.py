@@ -1,0 +1,112 @@
+"""Load any checkpoint or export as a plain TokenFormer; evaluate loss/perplexity; generate text."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig, _build
+from .model import TokenFormer
+
+
+def load_model(path: str, device: str = "cpu") -> tuple[TokenFormer, dict]:
+    """A checkpoint directory (trainer's, resharded, layout-free) or an export (model.safetensors + config.json).
+    Returns the model and the training config dict (for the tokenizer)."""
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        from safetensors.torch import load_file
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = _build(ModelConfig, json.load(f))
+        model = TokenFormer(cfg)
+        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
+        full = {"model": cfg.__dict__, "data": {}}
+    else:
+        from .checkpoint import load_weights, model_config_of
+        model = TokenFormer(model_config_of(path))
+        full = load_weights(model, path)["config"]
+    return model.to(device).eval(), full
+
+
+def tokenizer_for(config: dict, tokenizer_type: str | None = None, tokenizer_model: str | None = None):
+    from .tokenizer import build_tokenizer
+    data = config.get("data", {})
+    ttype, tmodel = tokenizer_type or data.get("tokenizer_type"), tokenizer_model or data.get("tokenizer_model")
+    if not tmodel:
+        raise ValueError("no tokenizer recorded with this checkpoint: pass --tokenizer-type/--tokenizer-model")
+    return build_tokenizer(ttype, tmodel)
+
+
+def documents(data: str, tokenizer, max_docs: int | None) -> Iterator[list[int]]:
+    """Token ids per document (EOD appended) from an indexed-dataset prefix or a .jsonl(.zst) file."""
+    if os.path.exists(data + ".idx"):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+        ds = IndexedDataset(data)
+        for i in range(len(ds) if max_docs is None else min(max_docs, len(ds))):
+            yield ds[i].tolist()
+        return
+    from .data.reader import read_texts
+    for i, row in enumerate(read_texts([data], ("text",))):
+        if max_docs is not None and i >= max_docs:
+            return
+        yield tokenizer.encode(row[0]) + [tokenizer.eod]
+
+
+@torch.no_grad()
+def evaluate(model: TokenFormer, docs: Iterator[list[int]], batch_size: int = 8) -> dict:
+    """Mean next-token loss over the documents concatenated and cut into seq_length windows."""
+    T = model.cfg.seq_length
+    device = next(model.parameters()).device
+    stream, total, count = [], 0.0, 0
+
+    def run(windows):
+        nonlocal total, count
+        x = torch.tensor(windows, device=device)
+        logits = model(x[:, :-1])
+        losses = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum")
+        total += losses.item()
+        count += x[:, 1:].numel()
+
+    batch = []
+    for doc in docs:
+        stream.extend(doc)
+        while len(stream) >= T + 1:
+            batch.append(stream[: T + 1])
+            stream = stream[T:]
+            if len(batch) == batch_size:
+                run(batch)
+                batch = []
+    if batch:
+        run(batch)
+    if count == 0:
+        raise ValueError(f"not enough tokens for one window of {T + 1}")
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": count}
+
+
+@torch.no_grad()
+def generate(model: TokenFormer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, generator: torch.Generator | None = None) -> Iterator[int]:
+    """Sample one token at a time (streaming); the context is cut to the model's seq_length."""
+    device = next(model.parameters()).device
+    ids = list(prompt)
+    for _ in range(max_new_tokens):
+        x = torch.tensor([ids[-model.cfg.seq_length:]], device=device)
+        logits = model(x)[0, -1].float()
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k > 0:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if top_p < 1.0:
+                sorted_logits, order = logits.sort(descending=True)
+                cum = sorted_logits.softmax(-1).cumsum(-1)
+                drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+                logits[order[drop]] = float("-inf")
+            nxt = int(torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator))
+        ids.append(nxt)
+        yield nxt
