@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, debug_overrides
-from tests.multiproc import run_ranks
+from tokenformer_mp.parallel.local import run_ranks
 from tests.runs import evaluate_after_load, train
 from tokenformer_mp.checkpoint import (CheckpointError, load_weights, model_config_of, read_latest, read_manifest,
                                        verify, write_layout_free)

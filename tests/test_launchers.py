@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO, debug_overrides
-from tests.multiproc import _free_port, run_ranks
+from tokenformer_mp.parallel.local import _free_port, run_ranks
 from tests.runs import train
 from tests.test_training import _args
 

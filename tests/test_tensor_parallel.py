@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tokenformer_mp.config import ModelConfig
-from tests.multiproc import run_ranks
+from tokenformer_mp.parallel.local import run_ranks
 
 
 def _setup(tp):

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from tests.conftest import debug_overrides
-from tests.multiproc import run_ranks
+from tokenformer_mp.parallel.local import run_ranks
 from tests.runs import train
 
 

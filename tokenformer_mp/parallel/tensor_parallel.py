@@ -188,5 +188,21 @@ def apply_tensor_parallel(module: nn.Module, group) -> None:
             sub.loss_fn = vocab_parallel_lm_loss
 
 
+def tp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro_batches: int, tp: int,
+                      elem_bytes: int = 4) -> int:
+    """Analytic tensor-parallel traffic of one optimizer step, summed over all pipeline stages of one TP group, as
+    full-tensor bytes per collective (the README's table). b = tokens per micro-batch, h = hidden:
+      per layer  forward: 3 reduce-scatter [b,h] (Q,K,V) + all-gather [b,h] + 2 all-reduce [b,h] + 5 all-reduce [b]
+                 backward: 2 all-reduce [b,h] (copies) + 3 all-gather [b,h] + reduce-scatter [b,h] + 5 all-reduce [b]
+                 = 12 b h + 10 b
+      embedding and head: all-reduce [b,h] forward, all-reduce [b,h] backward, 3 all-reduce [b] (vocab-parallel CE)
+    """
+    if tp == 1:
+        return 0
+    b, h = tokens_per_micro, hidden
+    per_micro = num_layers * (12 * b * h + 10 * b) + 2 * b * h + 3 * b
+    return per_micro * micro_batches * elem_bytes
+
+
 __all__ = ["apply_tensor_parallel", "shard_range", "gather_last_dim", "reduce_scatter_last_dim", "sum_over_shards",
            "vocab_parallel_lm_loss", "Attention"]

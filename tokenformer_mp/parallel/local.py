@@ -1,4 +1,4 @@
-"""Run a function on N local ranks over gloo (127.0.0.1 only) and collect what each returns."""
+"""Run a function on N local ranks over gloo (127.0.0.1 only) and collect what each returns (tests, benchmarks)."""
 from __future__ import annotations
 
 import io
