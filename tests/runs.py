@@ -3,20 +3,8 @@ from __future__ import annotations
 
 
 def train(overrides: dict, config: str = "configs/debug.yaml") -> list[dict]:
-    import torch.distributed as dist
-
-    from tokenformer_mp.config import load_config
-    from tokenformer_mp.train import Trainer
-
-    trainer = Trainer(load_config(config, overrides))
-    trainer.fit()
-    history = trainer.history
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    from megatron.core import parallel_state as ps
-    ps.destroy_model_parallel()
-    return history
+    from tokenformer_mp.train import train_history
+    return train_history(config, overrides)
 
 
 def evaluate_after_load(overrides: dict, config: str = "configs/debug.yaml") -> float:

@@ -329,6 +329,19 @@ class Trainer:
         return last
 
 
+def train_history(config: str, overrides: dict, datasets=None, tokenizer=None) -> list[dict]:
+    """Train in this process (one rank of a launched world, or alone) and return every step's record."""
+    from megatron.core import parallel_state as ps
+
+    trainer = Trainer(load_config(config, overrides), datasets=datasets, tokenizer=tokenizer)
+    trainer.fit()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    ps.destroy_model_parallel()
+    return trainer.history
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)

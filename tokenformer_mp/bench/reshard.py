@@ -1,0 +1,57 @@
+"""Resharding + expansion time and peak memory against checkpoint size (peak RSS should not grow with the model)."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+from ..checkpoint import FORMAT, MANIFEST, sha256_file, tensor_file, write_atomic
+from ..config import load_config
+
+
+def make_random_checkpoint(config: str, out: str, seed: int = 0) -> dict:
+    """A weights-only layout-free checkpoint of the config's shapes, written one tensor at a time."""
+    from safetensors.torch import save_file
+
+    from ..model import TokenFormer
+    cfg = load_config(config)
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in TokenFormer(cfg.model).named_parameters()}
+    os.makedirs(os.path.join(out, "tensors"), exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    entries, largest = {}, 0
+    for name, shape in shapes.items():
+        path = os.path.join(out, tensor_file(name))
+        save_file({"weight": torch.randn(shape, generator=g).mul_(0.02)}, path)
+        entries[name] = {"file": tensor_file(name), "shape": list(shape), "dtype": "float32", "keys": ["weight"],
+                         "sha256": sha256_file(path)}
+        largest = max(largest, 4 * int(torch.Size(shape).numel()))
+    manifest = {"format": FORMAT, "config": cfg.to_dict(), "model": cfg.to_dict()["model"], "step": 0,
+                "tokens_seen": 0, "optimizer": None, "source_layout": {"tp": 1, "pp": 1, "dp": 1}, "tensors": entries}
+    write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest))
+    total = sum(os.path.getsize(os.path.join(out, e["file"])) for e in entries.values())
+    return {"bytes": total, "largest_tensor_bytes": largest, "tensors": len(entries)}
+
+
+def measure(config: str, workdir: str, tp: int = 2, pp: int = 2, expand_factor: float = 2.0) -> dict:
+    src, dst = os.path.join(workdir, "src"), os.path.join(workdir, "dst")
+    shutil.rmtree(workdir, ignore_errors=True)
+    info = make_random_checkpoint(config, src)
+    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "reshard_checkpoint.py")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, tool, "--load", src, "--save", dst, "--tp", str(tp), "--pp", str(pp),
+                    "--expand-factor", str(expand_factor)], check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far: the tool
+    out_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(dst) for f in fs)
+    shutil.rmtree(workdir, ignore_errors=True)
+    limit = 2 * info["largest_tensor_bytes"] * expand_factor + 2**30
+    return {"config": os.path.basename(config), "checkpoint_gb": info["bytes"] / 1e9, "output_gb": out_bytes / 1e9,
+            "largest_tensor_mb": info["largest_tensor_bytes"] / 1e6, "seconds": seconds, "peak_rss_gb": peak / 1e9,
+            "limit_gb": limit / 1e9, "within_limit": peak <= limit}

@@ -1,0 +1,107 @@
+#!/usr/bin/env python
+"""Benchmarks against the project's limits; prints a table per section and writes JSON.
+
+  python tools/benchmark.py                       # every section
+  python tools/benchmark.py --only pattention mfu --out bench.json
+
+Each figure is a ratio measured side by side in one run, so a noisy machine does not mislead.
+"""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)), "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+def bench_pattention():
+    from tokenformer_mp.bench.pattention import SHAPES, compare
+    return [compare(*s) for s in SHAPES]
+
+
+def bench_mfu():
+    from tokenformer_mp.bench.train import measure
+    small = {"train.steps": 8, "model.vocab_size": 4096}
+    wide = {**small, "model.num_layers": 4, "model.hidden_size": 512, "model.num_heads": 8, "model.qkv_tokens": 512,
+            "model.proj_tokens": 512, "model.ffn_tokens": 2048, "model.seq_length": 256, "train.micro_batch_size": 4}
+    return [{"model": name, **measure("configs/debug.yaml", ov)} for name, ov in (("debug", small), ("4x512", wide))]
+
+
+LAYOUTS = [("tp1", 1, {}), ("tp2", 2, {"parallel.tp": 2}), ("tp4", 4, {"parallel.tp": 4}),
+           ("pp2", 2, {"parallel.pp": 2}), ("dp2", 2, {"train.grad_accum_steps": 1}),
+           ("tp2xpp2", 4, {"parallel.tp": 2, "parallel.pp": 2})]
+
+
+def bench_layouts():
+    from tokenformer_mp.bench.train import measure
+    base = {"train.steps": 6, "model.vocab_size": 4096}
+    rows = []
+    for name, world, ov in LAYOUTS:
+        r = measure("configs/debug.yaml", {**base, **ov}, world=world)
+        r["tp_bytes_match"] = r["tp_bytes_per_step"] == r["tp_bytes_analytic"]
+        rows.append({"name": name, **r})
+    return rows
+
+
+def bench_preprocess():
+    from tokenformer_mp.data.bench import benchmark_preprocessing
+    shards = os.path.join(SHARED, "data", "minipile", "train-00000.jsonl.zst")
+    rows = []
+    for name, ttype, model in (("gpt-neox-20b", "HFTokenizer", os.path.join(SHARED, "tokenizers/gpt-neox-20b/tokenizer.json")),):
+        rows.append({"tokenizer": name, **benchmark_preprocessing([shards], ttype, model, workers=2, max_docs=3000)})
+    return rows
+
+
+def bench_reshard():
+    from tokenformer_mp.bench.reshard import measure
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP", REPO)) as d:
+        return [measure(os.path.join(REPO, "configs", c), os.path.join(d, "w")) for c in
+                ("tokenformer-150m.yaml", "tokenformer-1.5b.yaml")]
+
+
+SECTIONS = {"pattention": (bench_pattention, ["shape", "pattention_ms", "mlp_ms", "ratio"]),
+            "mfu": (bench_mfu, ["model", "step_time_s", "tokens_per_s", "mfu"]),
+            "layouts": (bench_layouts, ["name", "world", "step_time_s", "tokens_per_s", "tp_bytes_per_step",
+                                        "tp_bytes_analytic", "tp_bytes_match", "all_bytes_per_step_rank0"]),
+            "preprocess": (bench_preprocess, None),
+            "reshard": (bench_reshard, ["config", "checkpoint_gb", "largest_tensor_mb", "seconds", "peak_rss_gb",
+                                        "limit_gb", "within_limit"])}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=list(SECTIONS))
+    ap.add_argument("--out", default="bench_out/benchmark.json")
+    args = ap.parse_args(argv)
+    os.chdir(REPO)
+    import torch
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}}
+    for name in args.only or list(SECTIONS):
+        fn, cols = SECTIONS[name]
+        rows = fn()
+        results[name] = rows
+        print(f"\n## {name}\n" + table(rows, cols or [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]),
+              flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

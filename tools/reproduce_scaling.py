@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Progressive scaling, reproduced small on a CPU (the paper's Fig. 3 and Fig. 6 in miniature).
+
+Three runs on the same data and token budget:
+  grown-zero   train a small TokenFormer, grow every Pattention 4x with zero keys (tau pinned), continue;
+  grown-random the same, but new keys random and tau = sqrt(new n) (the reference's way);
+  scratch      the large size from step 0 for the same total steps.
+Writes results.json, scaling_flops.png (validation loss against training FLOPs) and scaling_growth.png (the loss
+around the moment of growth) into --out.
+
+  python tools/reproduce_scaling.py --out bench_out/scaling   # after tools/quickstart.sh made the sample data
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(overrides: dict) -> list[dict]:
+    from tokenformer_mp.parallel.local import run_ranks
+    from tokenformer_mp.train import train_history
+    return run_ranks(1, train_history, "configs/debug.yaml", overrides, timeout=3600)[0]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench_out/scaling")
+    ap.add_argument("--small-tokens", type=int, nargs=3, default=[32, 32, 128], metavar=("QKV", "PROJ", "FFN"))
+    ap.add_argument("--factor", type=int, default=4)
+    ap.add_argument("--steps-small", type=int, default=400)
+    ap.add_argument("--steps-grown", type=int, default=400)
+    ap.add_argument("--eval-interval", type=int, default=25)
+    args = ap.parse_args(argv)
+    os.chdir(REPO)
+    from tokenformer_mp.config import load_config
+    from tokenformer_mp.model import flops_per_token
+    from tokenformer_mp.reshard import ExpandPlan, reshard
+
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    small = dict(zip(("qkv", "proj", "ffn"), args.small_tokens))
+    large = {k: v * args.factor for k, v in small.items()}
+    common = {"train.eval_interval": args.eval_interval, "train.eval_iters": 4, "train.log_interval": 50,
+              "checkpoint.save_interval": 0}
+
+    def tokens(t: dict, pinned: dict | None = None) -> dict:
+        o = {f"model.{k}_tokens": v for k, v in t.items()}
+        o.update({f"model.{k}_scale_tokens": v for k, v in (pinned or {}).items()})
+        return o
+
+    total = args.steps_small + args.steps_grown
+    cfg = load_config("configs/debug.yaml")
+    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.model.seq_length
+
+    def flops(t: dict) -> float:
+        m = load_config("configs/debug.yaml", {**tokens(t), "model.vocab_size": 4096}).model
+        return flops_per_token(m) * tokens_per_step
+
+    results = {}
+    h_small = run({**common, **tokens(small), "train.steps": args.steps_small, "run_dir": f"{out}/small"})
+    for name, key_init, pinned in (("grown-zero", "zeros", small), ("grown-random", "normal", None)):
+        ck = f"{out}/{name}-ckpt"
+        reshard(f"{out}/small/checkpoints", ck, expand=ExpandPlan(large, key_init=key_init), overwrite=True,
+                progress=False)
+        if pinned is None:  # the reference: tau follows the new token count
+            mpath = os.path.join(ck, "manifest.json")
+            m = json.load(open(mpath))
+            for k in small:
+                m["model"][f"{k}_scale_tokens"] = m["config"]["model"][f"{k}_scale_tokens"] = None
+            json.dump(m, open(mpath, "w"))
+        h = run({**common, **tokens(large, pinned), "train.steps": args.steps_grown, "checkpoint.load": ck,
+                 "run_dir": f"{out}/{name}"})
+        for r in h:
+            r["step"] += args.steps_small
+        results[name] = h_small + h
+    results["scratch"] = run({**common, **tokens(large), "train.steps": total, "run_dir": f"{out}/scratch"})
+    f_small, f_large = flops(small), flops(large)
+    for name, hist in results.items():
+        for r in hist:
+            grown_phase = name == "scratch" or r["step"] > args.steps_small
+            steps_small = 0 if name == "scratch" else min(r["step"], args.steps_small)
+            r["flops"] = steps_small * f_small + (r["step"] - steps_small) * f_large if grown_phase else r["step"] * f_small
+    summary = {name: {"final_val_loss": [r for r in h if "val_loss" in r][-1]["val_loss"],
+                      "total_flops": h[-1]["flops"]} for name, h in results.items()}
+    pre = [r for r in h_small if "val_loss" in r][-1]["val_loss"]
+    for name in ("grown-zero", "grown-random"):
+        first_after = results[name][args.steps_small]  # the first step after growth
+        summary[name]["loss_before_growth"] = h_small[-1]["loss"]
+        summary[name]["loss_first_step_after"] = first_after["loss"]
+        summary[name]["val_before_growth"] = pre
+    json.dump({"summary": summary, "args": vars(args), "runs": results}, open(f"{out}/results.json", "w"), indent=1)
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, hist in results.items():
+        v = [r for r in hist if "val_loss" in r]
+        ax.plot([r["flops"] for r in v], [r["val_loss"] for r in v], "o-", ms=3, label=name)
+    ax.axvline(args.steps_small * f_small, color="gray", ls=":", label="growth")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"TokenFormer {small} -> x{args.factor} tokens vs scratch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(f"{out}/scaling_flops.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lo, hi = args.steps_small - 50, args.steps_small + 100
+    for name in ("grown-zero", "grown-random"):
+        w = [r for r in results[name] if lo <= r["step"] <= hi]
+        ax.plot([r["step"] for r in w], [r["loss"] for r in w], lw=1, label=name)
+    ax.axvline(args.steps_small, color="gray", ls=":", label="growth")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("loss around growth")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(f"{out}/scaling_growth.png", dpi=120)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
