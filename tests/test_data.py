@@ -242,6 +242,15 @@ def test_preprocess_cli(tmp_path):
     assert len(IndexedDataset(str(tmp_path / "cli_text_document"))) == 30
 
 
+def test_train_tokenizer_cli(tmp_path):
+    cmd = [sys.executable, "tools/train_tokenizer.py", "--input", TINY, "--model-prefix", str(tmp_path / "cli"),
+           "--vocab-size", "400", "--max-sentences", "2000"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.model", "cli.vocab"]  # no temporary files left
+    assert build_tokenizer("SentencePieceTokenizer", str(tmp_path / "cli.model")).vocab_size == 400
+
+
 def test_benchmark_counts_agree(neox, tiny_texts):
     result = benchmark_preprocessing([TINY], "HFTokenizer", NEOX, workers=1, max_docs=100, repeats=1)
     assert result["docs"] == 100

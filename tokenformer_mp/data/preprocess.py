@@ -133,23 +133,28 @@ def preprocess(
 
     stats = ReadStats()
     rows = itertools.islice(read_texts(files, json_keys, strict=strict, stats=stats), max_docs)
-    batches = batched_columns(rows, batch_size)
+    read_bytes = deque()  # stats.bytes once each batch was read: the reader runs ahead of what is tokenized
+
+    def batches() -> Iterator[list[list[str]]]:
+        for columns in batched_columns(rows, batch_size):
+            read_bytes.append(stats.bytes)
+            yield columns
+
     outputs: dict[str, _AtomicIndexedDataset] = {}
     # fork: workers start in milliseconds and inherit the loaded tokenizer, re-importing nothing.
     pool = mp.get_context("fork").Pool(workers, _init_worker, (tok, append_eod, dtype))
     try:
         for key, prefix in prefixes.items():
             outputs[key] = _AtomicIndexedDataset(prefix, dtype)
-        encoded = ordered_map(pool, _encode_columns, batches, max_pending=4 * workers)
         tokens = 0
-        with tqdm(unit="doc", unit_scale=True, disable=not progress, desc="tokenize") as bar:
-            for columns in encoded:
+        with tqdm(unit="doc", disable=not progress, desc="tokenize") as bar:
+            for columns in ordered_map(pool, _encode_columns, batches(), max_pending=4 * workers):
                 for key, (flat, lengths) in zip(json_keys, columns):
                     outputs[key].add(flat, lengths)
                     tokens += len(flat)
                 bar.update(len(columns[0][1]))
-                if progress:
-                    bar.set_postfix_str(f"{stats.bytes / 1e6 / (time.perf_counter() - t0):.1f} MB/s", refresh=False)
+                mb_per_s = read_bytes.popleft() / 1e6 / (time.perf_counter() - t0)
+                bar.set_postfix_str(f"{mb_per_s:.1f} MB/s", refresh=False)
         for out in outputs.values():
             out.commit()
     except BaseException:
