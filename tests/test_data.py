@@ -172,6 +172,13 @@ def test_bad_lines_counted_and_reported(bad_inputs, caplog):
         assert where in report
 
 
+def test_concatenated_zst_frames(tmp_path):
+    path = tmp_path / "two.jsonl.zst"
+    frames = [zstandard.ZstdCompressor().compress(f'{{"text": "frame {i}"}}\n'.encode()) for i in range(2)]
+    path.write_bytes(b"".join(frames))  # as `cat a.zst b.zst` makes: a valid zstd file
+    assert list(read_texts([str(path)], strict=True)) == [("frame 0",), ("frame 1",)]
+
+
 def test_bad_line_report_is_capped(bad_inputs, caplog):
     plain, _, _ = bad_inputs
     stats = ReadStats()
