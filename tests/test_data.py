@@ -1,4 +1,5 @@
-"""Data pipeline tests on real files: minipile's tiny shard, the GPT-NeoX tokenizer, a SentencePiece model trained here."""
+"""Data pipeline tests on real files: minipile's tiny shard, the GPT-NeoX tokenizer, a SentencePiece model trained
+here. Set TOKENFORMER_SHARED if the shared data is not at ../shared."""
 
 import json
 import logging
@@ -50,13 +51,15 @@ def sp_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def neox_prefix(tmp_path_factory) -> str:
     """tiny tokenized by two worker processes."""
-    out = preprocess([TINY], str(tmp_path_factory.mktemp("neox") / "tiny"), "HFTokenizer", NEOX, workers=2, progress=False)
+    prefix = str(tmp_path_factory.mktemp("neox") / "tiny")
+    out = preprocess([TINY], prefix, "HFTokenizer", NEOX, workers=2, progress=False)
     return out["outputs"]["text"]
 
 
 @pytest.fixture(scope="module")
 def val_prefix(tmp_path_factory) -> str:
-    out = preprocess([VAL], str(tmp_path_factory.mktemp("val") / "val"), "HFTokenizer", NEOX, max_docs=100, progress=False)
+    prefix = str(tmp_path_factory.mktemp("val") / "val")
+    out = preprocess([VAL], prefix, "HFTokenizer", NEOX, max_docs=100, progress=False)
     return out["outputs"]["text"]
 
 
@@ -169,6 +172,13 @@ def test_bad_lines_counted_and_reported(bad_inputs, caplog):
         assert where in report
 
 
+def test_concatenated_zst_frames(tmp_path):
+    path = tmp_path / "two.jsonl.zst"
+    frames = [zstandard.ZstdCompressor().compress(f'{{"text": "frame {i}"}}\n'.encode()) for i in range(2)]
+    path.write_bytes(b"".join(frames))  # as `cat a.zst b.zst` makes: a valid zstd file
+    assert list(read_texts([str(path)], strict=True)) == [("frame 0",), ("frame 1",)]
+
+
 def test_bad_line_report_is_capped(bad_inputs, caplog):
     plain, _, _ = bad_inputs
     stats = ReadStats()
@@ -193,6 +203,8 @@ def test_inputs_must_exist(tmp_path):
         list(read_texts([str(tmp_path / "nothing-*.jsonl")]))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         preprocess([str(tmp_path / "missing.jsonl")], str(tmp_path / "o"), "HFTokenizer", NEOX, progress=False)
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        preprocess([TINY], str(tmp_path / "o"), "HFTokenizer", NEOX, workers=0, progress=False)
 
 
 def test_existing_output_refused(tmp_path):
@@ -228,12 +240,22 @@ def test_failure_midway_leaves_no_output(tmp_path, workers):
 
 
 def test_preprocess_cli(tmp_path):
-    cmd = [sys.executable, "tools/preprocess_data.py", "--input", TINY.replace("tiny", "t*y"), "--output-prefix",
-           str(tmp_path / "cli"), "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX, "--max-docs", "30"]  # fmt: skip
+    cmd = [sys.executable, "tools/preprocess_data.py", "--input", TINY.replace("tiny", "t*y"),  # a glob
+           "--output-prefix", str(tmp_path / "cli"), "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX,
+           "--max-docs", "30"]  # fmt: skip
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("30 docs, ") and " 0 bad lines, " in run.stdout
     assert len(IndexedDataset(str(tmp_path / "cli_text_document"))) == 30
+
+
+def test_train_tokenizer_cli(tmp_path):
+    cmd = [sys.executable, "tools/train_tokenizer.py", "--input", TINY, "--model-prefix", str(tmp_path / "cli"),
+           "--vocab-size", "400", "--max-sentences", "2000"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.model", "cli.vocab"]  # no temporary files left
+    assert build_tokenizer("SentencePieceTokenizer", str(tmp_path / "cli.model")).vocab_size == 400
 
 
 def test_benchmark_counts_agree(neox, tiny_texts):

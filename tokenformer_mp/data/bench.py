@@ -1,7 +1,7 @@
 """How close does preprocess() come to the tokenizer's own speed?
 
-(a) bare: the texts already in memory, encoded with Tokenizer.encode_batch in the same batches and the same number of
-    processes, nothing else (no reading, no transfer of texts or tokens, no writing);
+(a) bare: the texts already in every worker's memory, encoded with Tokenizer.encode_batch in the same batches by the
+    same number of single-threaded processes, nothing else (no reading, no transfer of texts or tokens, no writing);
 (b) pipeline: preprocess() on the same documents, from reading the files to renaming the outputs into place.
 Both rates count text tokens only (EOD excluded); ratio = pipeline / bare. The two runs alternate `repeats` times and
 the best time of each counts, so that other load on a shared machine disturbs the ratio less.
@@ -23,7 +23,7 @@ _bare: dict = {}
 
 def _bare_init(barrier) -> None:
     _bare["tok"].single_thread()
-    barrier.wait()  # the parent starts timing only once every worker has its tokenizer
+    barrier.wait()  # the parent starts the clock once every worker is up
 
 
 def _bare_encode(batch: int) -> int:
@@ -31,17 +31,15 @@ def _bare_encode(batch: int) -> int:
     return sum(map(len, _bare["tok"].encode_batch(_bare["texts"][batch * size : (batch + 1) * size])))
 
 
-def bare_throughput(texts: list[str], tokenizer_type: str, tokenizer_model: str, workers: int, batch_size: int) -> tuple[int, float]:
-    """(text tokens, seconds) for encoding texts in batches, in this process (workers=1) or `workers` processes."""
+def bare_throughput(
+    texts: list[str], tokenizer_type: str, tokenizer_model: str, workers: int, batch_size: int
+) -> tuple[int, float]:
+    """(text tokens, seconds) for encoding texts in batches by `workers` single-threaded processes."""
     batches = range((len(texts) + batch_size - 1) // batch_size)
     _bare.update(tok=build_tokenizer(tokenizer_type, tokenizer_model), texts=texts, batch_size=batch_size)
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(workers + 1)
     try:
-        if workers == 1:
-            t0 = time.perf_counter()
-            tokens = sum(map(_bare_encode, batches))
-            return tokens, time.perf_counter() - t0
-        ctx = mp.get_context("fork")
-        barrier = ctx.Barrier(workers + 1)
         with ctx.Pool(workers, _bare_init, (barrier,)) as pool:
             barrier.wait(timeout=120)
             t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """Tokenize Pile-format JSONL into megatron-core indexed datasets: `{output_prefix}_{key}_document.bin/.idx`.
 
-The main process reads and writes; `workers` processes tokenize batches of documents with the tokenizer's batch
-API and send back one flat numpy array per batch, so no per-token Python objects cross process boundaries.
+The main process reads and writes while `workers` single-threaded processes tokenize batches of documents with the
+tokenizer's batch API and send back one flat numpy array per batch: no per-token Python objects cross processes.
 Output is written under temporary names and renamed into place only once complete.
 """
 
@@ -114,10 +114,11 @@ def preprocess(
 ) -> dict:
     """Tokenize every document of `inputs` (files or globs) into one indexed dataset per json key.
 
-    workers=1 tokenizes in this process (the tokenizer library may use several threads); workers>1 uses that many
-    single-threaded processes. Returns counts: docs, tokens (all keys, EOD included), bad_lines, bytes (UTF-8 text
-    read), seconds, and the output prefixes by key.
+    `workers` single-threaded processes tokenize while this one reads and writes. Returns counts: docs, tokens (all
+    keys, EOD included), bad_lines, bytes (UTF-8 text read), seconds, and the output prefixes by key.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
     t0 = time.perf_counter()
     json_keys = tuple(json_keys)
     files = expand_inputs(inputs)
@@ -132,27 +133,28 @@ def preprocess(
 
     stats = ReadStats()
     rows = itertools.islice(read_texts(files, json_keys, strict=strict, stats=stats), max_docs)
-    batches = batched_columns(rows, batch_size)
+    read_bytes = deque()  # stats.bytes once each batch was read: the reader runs ahead of what is tokenized
+
+    def batches() -> Iterator[list[list[str]]]:
+        for columns in batched_columns(rows, batch_size):
+            read_bytes.append(stats.bytes)
+            yield columns
+
     outputs: dict[str, _AtomicIndexedDataset] = {}
-    pool = None
+    # fork: workers start in milliseconds and inherit the loaded tokenizer, re-importing nothing.
+    pool = mp.get_context("fork").Pool(workers, _init_worker, (tok, append_eod, dtype))
     try:
         for key, prefix in prefixes.items():
             outputs[key] = _AtomicIndexedDataset(prefix, dtype)
-        if workers > 1:
-            # fork: workers start in milliseconds and inherit the loaded tokenizer, re-importing nothing.
-            pool = mp.get_context("fork").Pool(workers, _init_worker, (tok, append_eod, dtype))
-            encoded = ordered_map(pool, _encode_columns, batches, max_pending=4 * workers)
-        else:
-            encoded = ([encode_to_arrays(tok, texts, append_eod, dtype) for texts in cols] for cols in batches)
         tokens = 0
-        with tqdm(unit="doc", unit_scale=True, disable=not progress, desc="tokenize") as bar:
-            for columns in encoded:
+        with tqdm(unit="doc", disable=not progress, desc="tokenize") as bar:
+            for columns in ordered_map(pool, _encode_columns, batches(), max_pending=4 * workers):
                 for key, (flat, lengths) in zip(json_keys, columns):
                     outputs[key].add(flat, lengths)
                     tokens += len(flat)
                 bar.update(len(columns[0][1]))
-                if progress:
-                    bar.set_postfix_str(f"{stats.bytes / 1e6 / (time.perf_counter() - t0):.1f} MB/s", refresh=False)
+                mb_per_s = read_bytes.popleft() / 1e6 / (time.perf_counter() - t0)
+                bar.set_postfix_str(f"{mb_per_s:.1f} MB/s", refresh=False)
         for out in outputs.values():
             out.commit()
     except BaseException:
@@ -160,8 +162,7 @@ def preprocess(
             out.discard()
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
+        pool.terminate()
     return dict(
         docs=stats.docs,
         tokens=tokens,
