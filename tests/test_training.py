@@ -33,6 +33,8 @@ LAYOUTS = {  # name: (world size, overrides); all with the same global batch as 
     "dp2_zero1": (2, {"train.grad_accum_steps": 1}),
     "dp2_zero2": (2, {"train.grad_accum_steps": 1, "parallel.zero_stage": 2}),
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
+    "tp2_activation_checkpointing": (2, {"parallel.tp": 2, "train.activation_checkpointing": True}),
+    "pp2_activation_checkpointing": (2, {"parallel.pp": 2, "train.activation_checkpointing": True}),
 }
 
 
@@ -91,3 +93,29 @@ def _args(overrides: dict) -> list[str]:
     for k, v in overrides.items():
         out += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
     return out
+
+
+def test_bf16_on_cpu_tracks_fp32(minipile, baseline, tmp_path):
+    """bf16 (DeepSpeed's bf16 mode, fp32 master weights) at TP=2 x PP=2 stays within bf16 rounding of fp32."""
+    hist = _run(4, debug_overrides(minipile, tmp_path, **{"train.steps": 3, "train.precision": "bf16",
+                                                          "parallel.tp": 2, "parallel.pp": 2}))
+    for h, r in zip(hist, baseline):
+        assert abs(h["loss"] - r["loss"]) <= 2e-2 * r["loss"], (h["loss"], r["loss"])
+
+
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path):
+    """An absurd learning rate blows the weights up: the run stops naming the step, the last good checkpoint stays."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+    from tokenformer_mp.checkpoint import read_latest
+    args = _args(debug_overrides(minipile, tmp_path, **{"train.steps": 20, "train.lr": 1e30, "train.min_lr": 0.0,
+                                                         "train.warmup_steps": 0, "checkpoint.save_interval": 1}))
+    res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 3, res.stderr[-2000:]
+    msg = [line for line in res.stderr.splitlines() if line.startswith("error:")][0]
+    step = int(msg.split("step ")[1].split(":")[0])
+    assert "is not finite" in msg and step >= 2
+    assert read_latest(str(tmp_path / "checkpoints")) == f"global_step{step - 1}"

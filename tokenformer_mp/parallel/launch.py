@@ -98,6 +98,10 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> LaunchEnv:
     """Discover the launch, export it, and start the default process group (NCCL on GPU, gloo on CPU)."""
     le = discover()
     export(le)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # Ranks sharing a machine share its cores: one BLAS pool each of cores/ranks, not cores each (oversubscribed).
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", le.world_size if le.master_addr.startswith("127.") else 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     if not dist.is_initialized():
         import datetime
         import deepspeed
