@@ -115,7 +115,9 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path)
     res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 3, res.stderr[-2000:]
-    msg = [line for line in res.stderr.splitlines() if line.startswith("error:")][0]
-    step = int(msg.split("step ")[1].split(":")[0])
-    assert "is not finite" in msg and step >= 2
+    import re
+    m = re.search(r"error: step (\d+): loss .* is not finite; stopping", res.stderr)
+    assert m is not None, res.stderr[-2000:]
+    step = int(m.group(1))
+    assert step >= 2
     assert read_latest(str(tmp_path / "checkpoints")) == f"global_step{step - 1}"
