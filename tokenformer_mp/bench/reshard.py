@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -44,14 +43,21 @@ def measure(config: str, workdir: str, tp: int = 2, pp: int = 2, expand_factor: 
     shutil.rmtree(workdir, ignore_errors=True)
     info = make_random_checkpoint(config, src)
     tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "reshard_checkpoint.py")
+    # The tool's own peak RSS, reported by the process itself as it exits (RUSAGE_CHILDREN would mix in others).
+    wrapper = ("import resource, runpy, sys; sys.argv = sys.argv[1:]\n"
+               "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+               "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)")
     start = time.perf_counter()
-    subprocess.run([sys.executable, tool, "--load", src, "--save", dst, "--tp", str(tp), "--pp", str(pp),
-                    "--expand-factor", str(expand_factor)], check=True, capture_output=True)
+    res = subprocess.run([sys.executable, "-c", wrapper, tool, "--load", src, "--save", dst, "--tp", str(tp),
+                          "--pp", str(pp), "--expand-factor", str(expand_factor)], capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far: the tool
+    if "PEAK_RSS_KB" not in res.stderr:
+        raise RuntimeError(res.stderr[-2000:])
+    peak = int(res.stderr.split("PEAK_RSS_KB")[1].split()[0]) * 1024
     out_bytes = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(dst) for f in fs)
+    largest_out = max(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(dst) for f in fs)
+    limit = 2 * max(info["largest_tensor_bytes"], largest_out) + 2**30
     shutil.rmtree(workdir, ignore_errors=True)
-    limit = 2 * info["largest_tensor_bytes"] * expand_factor + 2**30
     return {"config": os.path.basename(config), "checkpoint_gb": info["bytes"] / 1e9, "output_gb": out_bytes / 1e9,
             "largest_tensor_mb": info["largest_tensor_bytes"] / 1e6, "seconds": seconds, "peak_rss_gb": peak / 1e9,
             "limit_gb": limit / 1e9, "within_limit": peak <= limit}
