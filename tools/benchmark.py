@@ -60,7 +60,11 @@ def bench_preprocess():
     from tokenformer_mp.data.bench import benchmark_preprocessing
     shards = os.path.join(SHARED, "data", "minipile", "train-00000.jsonl.zst")
     rows = []
-    for name, ttype, model in (("gpt-neox-20b", "HFTokenizer", os.path.join(SHARED, "tokenizers/gpt-neox-20b/tokenizer.json")),):
+    tokenizers = [("gpt-neox-20b", "HFTokenizer", os.path.join(SHARED, "tokenizers/gpt-neox-20b/tokenizer.json")),
+                  ("sentencepiece-4k (quickstart's)", "SentencePieceTokenizer", "data/tokenizer/sample.model")]
+    for name, ttype, model in tokenizers:
+        if not os.path.exists(model):
+            continue
         rows.append({"tokenizer": name, **benchmark_preprocessing([shards], ttype, model, workers=2, max_docs=3000)})
     return rows
 
