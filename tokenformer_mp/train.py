@@ -257,8 +257,8 @@ class Trainer:
             state = load_checkpoint(self, src)
             self.step = state["step"]
             self.scheduler.last_epoch = self.step  # DeepSpeed restores it from its own files; not from layout-free
-            for group, lr in zip(self.optimizer.param_groups, [lr_at(self.step, self.cfg)] * 99):
-                group["lr"] = lr
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(self.step, self.cfg)
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
             if self.is_logger:
                 log.info("resumed from %s at step %d", src, self.step)
@@ -276,7 +276,8 @@ class Trainer:
         self.maybe_resume()
         from .flops import measure_matmul_flops
         peak = measure_matmul_flops(self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32))
-        bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True,
+                   mininterval=0.1 if sys.stderr.isatty() else 30.0)  # log files (Slurm) get the log lines, not redraws
         last, skipped_before, first_step = {}, 0, self.step
         while self.step < t.steps:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
