@@ -50,9 +50,11 @@ class _L2NormGeluScores(torch.autograd.Function):
         # d z_j / d A_i = s (delta_ij - z_i z_j / tau^2): the norm couples every token of a row.
         dot = ctx.reduce(torch.linalg.vecdot(dz.to(norm.dtype), z.to(norm.dtype), dim=-1).unsqueeze(-1))
         coef = torch.where(norm > NORM_EPS, dot / ctx.tau**2, torch.zeros_like(dot))
-        da = dz.addcmul_(z, coef.to(z.dtype), value=-1.0).mul_(scale.to(z.dtype))  # dL/dA, in place
-        grad_x = da @ keys if ctx.needs_input_grad[0] else None
-        grad_k = da.flatten(0, -2).t() @ x.flatten(0, -2) if ctx.needs_input_grad[1] else None
+        da = dz.addcmul_(z, coef.to(z.dtype), value=-1.0)  # dL/dA / scale, in place
+        # The row scale goes onto the narrow side of each matmul ([.., d_in], not [.., n]): one pass fewer.
+        s = scale.to(z.dtype)
+        grad_x = (da @ keys).mul_(s) if ctx.needs_input_grad[0] else None
+        grad_k = da.flatten(0, -2).t() @ (x * s).flatten(0, -2) if ctx.needs_input_grad[1] else None
         return grad_x, grad_k, None, None
 
 
