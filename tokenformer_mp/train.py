@@ -128,11 +128,11 @@ class Trainer:
     def __init__(self, cfg: Config, datasets=None, tokenizer=None):
         """datasets/tokenizer: given ones replace those named by cfg.data (tests, notebooks)."""
         from .parallel import groups
-        from .parallel.launch import init_distributed, pick_device
+        from .parallel.launch import init_distributed, local_rank, pick_device
 
         self.cfg = cfg
         validate(cfg, check_paths=datasets is None)  # before any process group or allocation
-        self.device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = pick_device(cfg.train.device, local_rank())
         le = init_distributed(self.device)
         validate(cfg, check_paths=False, world_size=le.world_size)
         tp, pp = cfg.parallel.tp, cfg.parallel.pp
