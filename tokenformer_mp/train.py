@@ -267,6 +267,20 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum  # checkpoint at the next step boundary, then exit (Slurm requeues)
 
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal, agreed by all ranks at this step boundary.
+
+        Slurm signals every task, but each rank reaches the boundary at its own moment (pipeline stages are skewed):
+        deciding alone, one rank could enter save() (collectives) while another starts the next step, and hang."""
+        sig = self._stop_signal or 0
+        if self.layout.world > 1:
+            t = torch.tensor([sig], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            sig = int(t.item())
+        if sig and self._stop_signal is None:
+            self._stop_signal = sig
+        return sig != 0
+
     def fit(self) -> dict:
         from tqdm import tqdm
 
@@ -313,12 +327,12 @@ class Trainer:
             last.update(rec)
             save_every = self.cfg.checkpoint.save_interval
             exiting = t.exit_after_steps and self.step - first_step >= t.exit_after_steps
-            if self._stop_signal is not None or exiting or (save_every and self.step % save_every == 0) \
-                    or self.step == t.steps:
+            stop = self._stop_agreed()
+            if stop or exiting or (save_every and self.step % save_every == 0) or self.step == t.steps:
                 self.save()
             if exiting:
                 break
-            if self._stop_signal is not None:
+            if stop:
                 if self.is_logger:
                     bar.write(f"signal {self._stop_signal}: checkpoint saved at step {self.step}, exiting")
                 break
@@ -353,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if trainer.is_logger and result:
         print(json.dumps({k: result[k] for k in ("step", "loss", "val_loss") if k in result}))
-    stopped = trainer._stop_signal is not None
+    stopped = trainer._stop_signal is not None and trainer.step < cfg.train.steps  # a late signal: done anyway
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
