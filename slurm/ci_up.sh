@@ -40,6 +40,7 @@ else
 fi
 
 # A real job across the nodes, not only a controller that answers.
+# shellcheck disable=SC2016  # expanded on the node
 out=$(timeout 60 srun -N "$NNODES" --ntasks-per-node=1 bash -c 'echo $SLURMD_NODENAME' 2>&1) \
   || fail "srun across $NNODES nodes failed: $out"
 say "srun ran on: $(echo "$out" | sort | tr '\n' ' ')"

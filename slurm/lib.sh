@@ -1,6 +1,7 @@
+# shellcheck shell=bash
 # Shared by the slurm/*.sbatch scripts (sourced, after they have found REPO). Not a job script itself.
 #
-# tf_setup_env       PYTHON, PYTHONPATH, threads, unbuffered output; fails loudly when PYTHON is missing
+# tf_setup_env       SETUP, PYTHON, PYTHONPATH, threads, unbuffered output; fails loudly when PYTHON is missing
 # tf_submit_self     outside a job: submit the calling script with the settings variables, then exit
 # tf_run CMD...      run the training step, forward signals to it, and requeue the job after a checkpoint-and-stop
 
@@ -8,6 +9,10 @@ tf_log() { echo "[slurm $(date +%H:%M:%S)] $*"; }
 tf_die() { echo "[slurm] error: $*" >&2; exit "${2:-1}"; }
 
 tf_setup_env() {
+  if [ -n "${SETUP:-}" ]; then  # site commands, e.g. SETUP="module load cuda/12.4 nccl"
+    tf_log "setup: $SETUP"
+    eval "$SETUP" || tf_die "SETUP failed: $SETUP"
+  fi
   PYTHON=${PYTHON:-$REPO/.venv/bin/python}
   [ -x "$PYTHON" ] || tf_die "PYTHON=$PYTHON is not an executable; set PYTHON=/path/to/python (a venv with requirements.txt)"
   export PYTHON

@@ -34,8 +34,8 @@ def _slurm_problem() -> str | None:
         if shutil.which(tool) is None:
             return f"no Slurm here: `{tool}` is not on PATH (slurm/ci_up.sh brings up a localhost cluster)"
     try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
-        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=20)
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"Slurm does not answer: {e}"
     if ping.returncode != 0 or "UP" not in ping.stdout:
