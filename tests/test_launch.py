@@ -38,3 +38,12 @@ def test_open_mpi():
 def test_single_process_gets_loopback_and_a_free_port():
     le = discover({})
     assert (le.launcher, le.rank, le.world_size, le.master_addr) == ("single", 0, 1, "127.0.0.1") and le.master_port > 0
+
+
+def test_local_rank_before_the_process_group():
+    from tokenformer_mp.parallel.launch import local_rank
+    assert local_rank({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_LOCALID": "0"}) == 1  # torchrun in srun
+    assert local_rank({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1"}) == 1
+    assert local_rank({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == 1
+    assert local_rank({"SLURM_PROCID": "0", "SLURM_LOCALID": "0"}) == 0  # a batch script without srun
+    assert local_rank({}) == 0

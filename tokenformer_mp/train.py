@@ -128,11 +128,11 @@ class Trainer:
     def __init__(self, cfg: Config, datasets=None, tokenizer=None):
         """datasets/tokenizer: given ones replace those named by cfg.data (tests, notebooks)."""
         from .parallel import groups
-        from .parallel.launch import init_distributed, pick_device
+        from .parallel.launch import init_distributed, local_rank, pick_device
 
         self.cfg = cfg
         validate(cfg, check_paths=datasets is None)  # before any process group or allocation
-        self.device = pick_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = pick_device(cfg.train.device, local_rank())
         le = init_distributed(self.device)
         validate(cfg, check_paths=False, world_size=le.world_size)
         tp, pp = cfg.parallel.tp, cfg.parallel.pp
@@ -267,6 +267,20 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum  # checkpoint at the next step boundary, then exit (Slurm requeues)
 
+    def _stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal, agreed by all ranks at this step boundary.
+
+        Slurm signals every task, but each rank reaches the boundary at its own moment (pipeline stages are skewed):
+        deciding alone, one rank could enter save() (collectives) while another starts the next step, and hang."""
+        sig = self._stop_signal or 0
+        if self.layout.world > 1:
+            t = torch.tensor([sig], dtype=torch.int64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            sig = int(t.item())
+        if sig and self._stop_signal is None:
+            self._stop_signal = sig
+        return sig != 0
+
     def fit(self) -> dict:
         from tqdm import tqdm
 
@@ -310,16 +324,16 @@ class Trainer:
                     line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.2f}"
                 bar.write(line)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # redraws follow mininterval (TQDM_MININTERVAL in logs)
             last.update(rec)
             save_every = self.cfg.checkpoint.save_interval
             exiting = t.exit_after_steps and self.step - first_step >= t.exit_after_steps
-            if self._stop_signal is not None or exiting or (save_every and self.step % save_every == 0) \
-                    or self.step == t.steps:
+            stop = self._stop_agreed()
+            if stop or exiting or (save_every and self.step % save_every == 0) or self.step == t.steps:
                 self.save()
             if exiting:
                 break
-            if self._stop_signal is not None:
+            if stop:
                 if self.is_logger:
                     bar.write(f"signal {self._stop_signal}: checkpoint saved at step {self.step}, exiting")
                 break
@@ -367,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     if trainer.is_logger and result:
         print(json.dumps({k: result[k] for k in ("step", "loss", "val_loss") if k in result}))
-    stopped = trainer._stop_signal is not None
+    stopped = trainer._stop_signal is not None and trainer.step < cfg.train.steps  # a late signal: done anyway
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

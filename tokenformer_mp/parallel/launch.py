@@ -80,6 +80,21 @@ def discover(env: dict[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(launcher, rank, world, local, addr, port or 29500)
 
 
+def local_rank(env: dict[str, str] | None = None) -> int:
+    """This process's index on its node, as discover() would find it, but without MPI calls: the device is picked
+    before the process group starts. Under srun nothing sets LOCAL_RANK, so SLURM_LOCALID must be read here, or
+    every task of a node would take GPU 0."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        return int(env.get("SLURM_LOCALID", 0))
+    for key in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"):
+        if key in env:
+            return int(env[key])
+    return 0
+
+
 def export(le: LaunchEnv) -> None:
     os.environ.update(RANK=str(le.rank), WORLD_SIZE=str(le.world_size), LOCAL_RANK=str(le.local_rank),
                       MASTER_ADDR=le.master_addr, MASTER_PORT=str(le.master_port))
