@@ -91,15 +91,24 @@ class Job:
                 for k in ("JobState", "Reason", "ExitCode", "Restarts")}
 
     def wait(self, timeout: float = 240, poll=None) -> dict:
-        """Until the job ends, requeues included; poll(job) runs between checks. A requeued job is held for
-        CredExpire (120 s by default) before it may start again: release it at once, the tests need no pause."""
+        """Until the job ends, requeues included; poll(job) runs between checks.
+
+        Slurm holds a requeued job for CredExpire (120 s by default) so that it cannot start while the nodes still
+        revoke the old run's credential (a start within the same second is killed: "Job credential revoked").
+        The tests release it sooner: once the nodes are done with the old run, and 3 s after the requeue."""
         deadline = time.monotonic() + timeout
+        held_since = None
         while True:
             info = self.info()
             if info["JobState"] in TERMINAL:
                 return info
             if info["JobState"] == "PENDING" and info["Reason"] == "BeginTime" and int(info["Restarts"] or 0) > 0:
-                subprocess.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now"], capture_output=True)
+                held_since = held_since or time.monotonic()
+                states = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True).stdout
+                if time.monotonic() - held_since > 3 and "comp" not in states:
+                    subprocess.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now"], capture_output=True)
+            else:
+                held_since = None
             if poll is not None:
                 poll(self)
             if time.monotonic() > deadline:
