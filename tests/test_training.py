@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from tests.conftest import debug_overrides
 from tokenformer_mp.parallel.local import run_ranks
@@ -121,3 +122,25 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path)
     step = int(m.group(1))
     assert step >= 2
     assert read_latest(str(tmp_path / "checkpoints")) == f"global_step{step - 1}"
+
+
+def test_final_norm_is_not_decayed(minipile, tmp_path):
+    """After one step, the final LayerNorm is the same with weight decay 0.1 or 0 (same gradients, no decay), while
+    the decayed parameter tokens differ; at TP=2 x PP=2 as in one process."""
+    from safetensors.torch import load_file
+
+    def one_step(wd, world, extra, name):
+        run = tmp_path / name
+        _run(world, debug_overrides(minipile, run, **{"train.steps": 3, "train.exit_after_steps": 1,
+                                                      "train.weight_decay": wd, **extra}))
+        lf = run / "checkpoints" / "global_step1" / "layout_free" / "tensors"
+        return {n: load_file(str(lf / f"{n}.safetensors"))["weight"] for n in
+                ("final_norm.weight", "final_norm.bias", "layers.0.ffn.key_tokens")}
+
+    a, b = one_step(0.1, 1, {}, "a"), one_step(0.0, 1, {}, "b")
+    # decay would move the weight by lr * wd * 1 = 1.5e-4; what remains is fp32 rounding of the give-back
+    torch.testing.assert_close(a["final_norm.weight"], b["final_norm.weight"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a["final_norm.bias"], b["final_norm.bias"], rtol=0, atol=1e-6)
+    assert not torch.equal(a["layers.0.ffn.key_tokens"], b["layers.0.ffn.key_tokens"])
+    c = one_step(0.1, 4, {"parallel.tp": 2, "parallel.pp": 2}, "c")
+    torch.testing.assert_close(c["final_norm.weight"], a["final_norm.weight"], rtol=1e-6, atol=1e-7)

@@ -51,11 +51,10 @@ def deepspeed_config(cfg: Config, dp: int, precision: str) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """One group, decayed: parameter tokens, embedding and the final LayerNorm alike.
+    """One optimizer group, decayed; Trainer._undo_decay then exempts the final LayerNorm, as the reference does.
 
-    The reference leaves norms undecayed, but here the only norm parameters are the final LayerNorm's (2 x hidden
-    values): block norms are non-parametric. A separate group would exist on the last pipeline stage only, and
-    DeepSpeed's ZeRO all-reduces the grad norm once per group across stages, so unequal group counts deadlock.
+    A separate no-decay group would exist on the last pipeline stage only (block norms are non-parametric), and
+    DeepSpeed's ZeRO all-reduces the grad norm once per group across stages: unequal group counts deadlock.
     """
     return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
@@ -208,10 +207,33 @@ class Trainer:
         dist.all_reduce(t, group=ps.get_data_parallel_group())
         return t.item() / self.layout.dp
 
-    def train_step(self) -> tuple[float, float]:
+    # --- weight decay except norms ------------------------------------------------------------------------------
+    def _undecayed(self) -> list[torch.nn.Parameter]:
+        from .checkpoint import canonical_params
+        return [p for name, p in canonical_params(self) if name.startswith("final_norm.")]
+
+    def _master(self, p) -> torch.Tensor:
+        from deepspeed.utils import safe_get_full_fp32_param
+        full = safe_get_full_fp32_param(p)  # ZeRO's fp32 master (collective over the DP group)
+        return (full if full is not None else p.detach().float()).clone()
+
+    def _undo_decay(self, before: list[torch.Tensor], lr: float) -> None:
+        """AdamW decays every parameter by lr * wd * p_old before its update (one optimizer group: see param_groups);
+        give that back to the norm parameters, so they follow AdamW without decay exactly."""
+        from deepspeed.utils import safe_set_full_fp32_param
+        wd = self.cfg.train.weight_decay
+        for p, old in zip(self._undecayed(), before):
+            fixed = self._master(p).add_(old, alpha=lr * wd)
+            safe_set_full_fp32_param(p, fixed)
+            with torch.no_grad():
+                p.copy_(fixed.to(p.dtype))
+
+    def train_step(self, lr: float) -> tuple[float, float]:
         """One optimizer step (all micro-batches); returns (global mean loss, global grad norm)."""
         batches = self.train_batches.micro_batches(self.step)
         self.engine.train()
+        before = [self._master(p) for p in self._undecayed()] if self.cfg.train.weight_decay else []
+        skipped = getattr(self.engine, "skipped_steps", 0)
         if self.layout.pp > 1:
             loss = self.engine.train_batch(data_iter=iter(batches)).item()
         else:
@@ -222,6 +244,8 @@ class Trainer:
                 self.engine.backward(out)
                 self.engine.step()
             loss = self._dp_mean(total / self.cfg.train.grad_accum_steps)
+        if before and getattr(self.engine, "skipped_steps", 0) == skipped:  # an fp16 overflow step changed nothing
+            self._undo_decay(before, lr)
         norm = self.engine.get_global_grad_norm()
         return loss, float(norm) if norm is not None else float("nan")
 
@@ -296,7 +320,7 @@ class Trainer:
         while self.step < t.steps:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             start = time.perf_counter()
-            loss, norm = self.train_step()
+            loss, norm = self.train_step(lr)
             elapsed = time.perf_counter() - start
             skipped = getattr(self.engine, "skipped_steps", 0) > skipped_before  # fp16 overflow
             if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
