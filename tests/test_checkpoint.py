@@ -170,3 +170,13 @@ def test_kill_during_training_leaves_a_loadable_checkpoint(minipile, tmp_path):
     verify(str(run / "checkpoints" / tag / "layout_free"))
     hist = run_ranks(1, train, debug_overrides(minipile, run, **{"train.steps": int(tag[11:]) + 2}))[0]
     assert [h["step"] for h in hist] == [int(tag[11:]) + 1, int(tag[11:]) + 2]
+
+
+def test_unpinned_growth_lets_tau_follow_n(ckpt, tmp_path):
+    """--no-pin-tau: the reference's growth; even zero keys then change the function (tau grew)."""
+    src, _ = ckpt
+    out = str(tmp_path / "grown")
+    reshard(src, out, expand=ExpandPlan({"qkv": 60, "proj": 36, "ffn": 140}, pin_tau=False), progress=False)
+    m = read_manifest(out)["model"]
+    assert m["qkv_scale_tokens"] is None and model_config_of(out).scale_tokens("qkv") == 60
+    assert not torch.allclose(_logits(src, TOKENS), _logits(out, TOKENS), atol=1e-4)

@@ -52,6 +52,7 @@ class ExpandPlan:
     key_init: str = "zeros"
     value_init: str = "normal"
     allow_shrink: bool = False
+    pin_tau: bool = True  # False: tau = sqrt(new n), the reference's growth (changes the function)
 
 
 def plan_from_config(cfg_path: str) -> dict[str, int]:
@@ -83,7 +84,7 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
                                       f"refused unless shrinking is asked for explicitly (--allow-shrink)")
             setattr(cfg.model, f"{kind}_tokens", n)
             # tau stays what the layer was built with: pin it before the count changes
-            setattr(cfg.model, f"{kind}_scale_tokens", old.scale_tokens(kind))
+            setattr(cfg.model, f"{kind}_scale_tokens", old.scale_tokens(kind) if expand.pin_tau else None)
     try:
         validate(cfg, check_paths=False)
     except ConfigError as e:

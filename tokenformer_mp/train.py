@@ -370,15 +370,20 @@ class Trainer:
 
 def train_history(config: str, overrides: dict, datasets=None, tokenizer=None) -> list[dict]:
     """Train in this process (one rank of a launched world, or alone) and return every step's record."""
-    from megatron.core import parallel_state as ps
-
     trainer = Trainer(load_config(config, overrides), datasets=datasets, tokenizer=tokenizer)
     trainer.fit()
+    shutdown()
+    return trainer.history
+
+
+def shutdown() -> None:
+    """Leave no process group behind (several trainers may run one after another in a process)."""
+    from megatron.core import parallel_state as ps
+
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     ps.destroy_model_parallel()
-    return trainer.history
 
 
 def main(argv: list[str] | None = None) -> int:

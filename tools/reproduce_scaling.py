@@ -64,14 +64,9 @@ def main(argv=None) -> int:
     h_small = run({**common, **tokens(small), "train.steps": args.steps_small, "run_dir": f"{out}/small"})
     for name, key_init, pinned in (("grown-zero", "zeros", small), ("grown-random", "normal", None)):
         ck = f"{out}/{name}-ckpt"
-        reshard(f"{out}/small/checkpoints", ck, expand=ExpandPlan(large, key_init=key_init), overwrite=True,
-                progress=False)
-        if pinned is None:  # the reference: tau follows the new token count
-            mpath = os.path.join(ck, "manifest.json")
-            m = json.load(open(mpath))
-            for k in small:
-                m["model"][f"{k}_scale_tokens"] = m["config"]["model"][f"{k}_scale_tokens"] = None
-            json.dump(m, open(mpath, "w"))
+        # the reference's way (random keys) also lets tau follow the new token count
+        reshard(f"{out}/small/checkpoints", ck, expand=ExpandPlan(large, key_init=key_init, pin_tau=pinned is not None),
+                overwrite=True, progress=False)
         h = run({**common, **tokens(large, pinned), "train.steps": args.steps_grown, "checkpoint.load": ck,
                  "run_dir": f"{out}/{name}"})
         for r in h:

@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--optimizer", choices=["keep", "reset"], default="keep",
                     help="keep Adam state (new tokens start at zero) or reset all of it (the paper's recipe)")
     ap.add_argument("--allow-shrink", action="store_true", help="allow dropping trained tokens")
+    ap.add_argument("--no-pin-tau", action="store_true",
+                    help="let tau follow the new token count (the reference's growth; changes the function)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
                 tokens = {k: int(round(model[f"{k}_tokens"] * args.expand_factor)) for k in ("qkv", "proj", "ffn")}
             else:
                 tokens = args.tokens
-            plan = ExpandPlan(tokens, args.key_init, args.value_init, args.allow_shrink)
+            plan = ExpandPlan(tokens, args.key_init, args.value_init, args.allow_shrink, not args.no_pin_tau)
         new = reshard(src, args.save, args.tp, args.pp, plan, args.optimizer, args.seed, args.overwrite)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
