@@ -133,6 +133,13 @@ def test_import_official_layout_and_export(ckpt, tmp_path):
         import_neox(sd, CFG, str(tmp_path / "bad"))
 
 
+def _grown_2x(path: str) -> dict:
+    """Overrides for the debug config grown 2x (tau pinned) and loaded from path."""
+    return {"model.qkv_tokens": 256, "model.proj_tokens": 256, "model.ffn_tokens": 1024,
+            "model.qkv_scale_tokens": 128, "model.proj_scale_tokens": 128, "model.ffn_scale_tokens": 512,
+            "checkpoint.load": path}
+
+
 def test_trained_checkpoint_grows_and_reshards_without_changing_validation_loss(minipile, tmp_path):
     """Train at TP=1, grow 2x with zero keys into TP=2: the validation loss at the new layout is unchanged."""
     kw = {"train.steps": 4, "train.eval_interval": 4, "train.eval_iters": 2}
@@ -140,10 +147,8 @@ def test_trained_checkpoint_grows_and_reshards_without_changing_validation_loss(
     src = str(tmp_path / "run" / "checkpoints")
     out = str(tmp_path / "grown")
     reshard(src, out, tp=2, expand=ExpandPlan({"qkv": 256, "proj": 256, "ffn": 1024}), progress=False)
-    grown = {"model.qkv_tokens": 256, "model.proj_tokens": 256, "model.ffn_tokens": 1024,
-             "model.qkv_scale_tokens": 128, "model.proj_scale_tokens": 128, "model.ffn_scale_tokens": 512,
-             "parallel.tp": 2, "checkpoint.load": out}
-    val = run_ranks(2, evaluate_after_load, debug_overrides(minipile, tmp_path / "run2", **kw, **grown))[0]
+    val = run_ranks(2, evaluate_after_load, debug_overrides(minipile, tmp_path / "run2", **kw, **_grown_2x(out),
+                                                            **{"parallel.tp": 2}))[0]
     assert abs(val - hist[-1]["val_loss"]) <= 1e-6 * hist[-1]["val_loss"], (val, hist[-1]["val_loss"])
     # the tools read it too
     res = subprocess.run([sys.executable, "tools/evaluate.py", "--load", out, "--data", minipile["prefix"],
@@ -180,3 +185,56 @@ def test_unpinned_growth_lets_tau_follow_n(ckpt, tmp_path):
     m = read_manifest(out)["model"]
     assert m["qkv_scale_tokens"] is None and model_config_of(out).scale_tokens("qkv") == 60
     assert not torch.allclose(_logits(src, TOKENS), _logits(out, TOKENS), atol=1e-4)
+
+
+def test_old_tokens_frozen_or_slowed_after_growth(minipile, tmp_path):
+    """train.old_tokens_lr_mult after growth: 0 keeps every old key/value token bit-identical while new ones learn,
+    at TP=2 x PP=2 as in one process; 0.5 moves old tokens half as far as 1 in the first step (new ones the same),
+    and under ZeRO-1 with DP=2 (partitions cut through the tensors) as in one process."""
+    from safetensors.torch import load_file
+    from tokenformer_mp.reshard import pattention_kind
+
+    run_ranks(1, train, debug_overrides(minipile, tmp_path / "run", **{"train.steps": 2}))
+    grown = str(tmp_path / "grown")
+    reshard(str(tmp_path / "run" / "checkpoints"), grown, expand=ExpandPlan({"qkv": 256, "proj": 256, "ffn": 1024}),
+            progress=False)
+    old_n = {"qkv": 128, "proj": 128, "ffn": 512}
+    assert read_manifest(grown)["grown_from"] == old_n
+
+    def cont(world, mult, name, steps=2, **extra):
+        run = tmp_path / name
+        hist = run_ranks(world, train, debug_overrides(minipile, run, **_grown_2x(grown), **extra, **{
+            "train.steps": 3, "train.exit_after_steps": steps, "train.old_tokens_lr_mult": mult}))[0]
+        lf = run / "checkpoints" / f"global_step{steps}" / "layout_free"
+        assert read_manifest(str(lf))["grown_from"] == old_n  # carried on: a resume keeps treating them as old
+        return hist, {n: load_file(str(lf / e["file"]))["weight"] for n, e in read_manifest(str(lf))["tensors"].items()}
+
+    start = {n: load_file(os.path.join(grown, e["file"]))["weight"] for n, e in read_manifest(grown)["tensors"].items()}
+    pattentions = [(n, old_n[pattention_kind(n)[0]]) for n in start if pattention_kind(n)]
+    h1, frozen = cont(1, 0.0, "frozen1")
+    h4, frozen4 = cont(4, 0.0, "frozen4", **{"parallel.tp": 2, "parallel.pp": 2})
+    for n, k in pattentions:
+        assert torch.equal(frozen[n][:k], start[n][:k]) and torch.equal(frozen4[n][:k], start[n][:k]), n
+        assert not torch.equal(frozen[n][k:], start[n][k:]), n
+    for a, b in zip(h1, h4):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"] and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"]
+
+    _, full = cont(1, 1.0, "full", steps=1)
+    _, half = cont(1, 0.5, "half", steps=1)
+    for n, k in pattentions:
+        torch.testing.assert_close(half[n][:k] - start[n][:k], 0.5 * (full[n][:k] - start[n][:k]), rtol=0, atol=1e-7)
+        torch.testing.assert_close(half[n][k:], full[n][k:], rtol=0, atol=0)
+    hh1, _ = cont(1, 0.5, "half1")
+    hh2, _ = cont(2, 0.5, "half_dp2", **{"train.micro_batch_size": 1})  # DP=2 x 1 = the same global batch
+    for a, b in zip(hh1, hh2):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"] and abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"]
+
+
+def test_old_tokens_rule_without_growth_is_a_clear_error(minipile, tmp_path):
+    from tests.test_training import _args
+    run_ranks(1, train, debug_overrides(minipile, tmp_path / "run", **{"train.steps": 1}))
+    args = _args(debug_overrides(minipile, tmp_path / "run2", **{"train.steps": 2, "train.old_tokens_lr_mult": 0,
+                                                                 "checkpoint.load": str(tmp_path / "run" / "checkpoints")}))
+    res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 2 and "train.old_tokens_lr_mult=0.0" in res.stderr and "grown_from" in res.stderr, res.stderr

@@ -133,6 +133,7 @@ def save_layout_free(trainer, out_dir: str, with_optimizer: bool = True) -> None
                     "source_layout": {"tp": trainer.layout.tp, "pp": trainer.layout.pp, "dp": trainer.layout.dp},
                     "step": trainer.step, "tokens_seen": trainer.step * trainer.tokens_per_step,
                     "optimizer": {"step": optimizer_step(trainer)} if with_optimizer else None,
+                    "grown_from": trainer.grown_from,
                     "tensors": dict(sorted(tensors.items()))}
         write_atomic(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1))
         if os.path.exists(out_dir):
@@ -318,4 +319,4 @@ def load_checkpoint(trainer, ckpt_dir: str) -> dict:
     rng = state.get("rng") or {}
     if rng.get("torch") is not None:
         torch.set_rng_state(rng["torch"])
-    return state
+    return {**state, "manifest": manifest}

@@ -81,6 +81,9 @@ class TrainConfig:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    # After growth: learning-rate multiplier for the parameter tokens the checkpoint had before its last expansion
+    # (its manifest's grown_from); 0 freezes them. 1: one rate for all tokens (the paper's recipe).
+    old_tokens_lr_mult: float = 1.0
     seed: int = 1234
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or fp32 / bf16 / fp16
     device: str = "auto"  # auto: cuda when available, else cpu
@@ -271,6 +274,7 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
     need(t.grad_accum_steps > 0, "train.grad_accum_steps", "must be positive")
     need(0 <= t.warmup_steps, "train.warmup_steps", "must be >= 0")
     need(t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} is above train.lr {t.lr}")
+    need(t.old_tokens_lr_mult >= 0, "train.old_tokens_lr_mult", "must be >= 0 (0 freezes the old tokens)")
     need(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", f"{t.precision!r}: auto, fp32, bf16 or fp16")
     need(t.device in ("auto", "cpu", "cuda"), "train.device", f"{t.device!r}: auto, cpu or cuda")
 

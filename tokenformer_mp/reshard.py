@@ -124,6 +124,9 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
            "optimizer": manifest.get("optimizer") if keep_opt else None,
            # a grown model starts a new LR schedule; a moved one continues where it stopped
            "step": 0 if grown else manifest["step"],
+           # which tokens are "old" (train.old_tokens_lr_mult): the counts before this growth
+           "grown_from": ({k: min(old.tokens(k), cfg.model.tokens(k)) for k in PATTENTION_KINDS} if grown
+                          else manifest.get("grown_from")),
            "history": manifest.get("history", []) + [{"from": src, "source_layout": manifest["source_layout"],
                                                       "target_layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp},
                                                       "expanded": grown, "optimizer": optimizer}]}

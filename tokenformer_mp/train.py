@@ -51,11 +51,9 @@ def deepspeed_config(cfg: Config, dp: int, precision: str) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """One optimizer group, decayed; Trainer._undo_decay then exempts the final LayerNorm, as the reference does.
-
-    A separate no-decay group would exist on the last pipeline stage only (block norms are non-parametric), and
-    DeepSpeed's ZeRO all-reduces the grad norm once per group across stages: unequal group counts deadlock.
-    """
+    """One optimizer group, decayed; the final LayerNorm's exemption is a row rule (tokenformer_mp.optim), because a
+    separate no-decay group would exist on the last pipeline stage only (block norms are non-parametric), and
+    DeepSpeed's ZeRO all-reduces the grad norm once per group across stages: unequal group counts deadlock."""
     return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
 
@@ -174,6 +172,7 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []  # every step's record, on every rank (tests compare layouts with it)
         self._stop_signal = None
+        self.loaded_from, self.grown_from = None, None  # grown_from: token counts per kind before the last growth
 
     # --- engine -----------------------------------------------------------------------------------------------
     def _build_engine(self, groups) -> None:
@@ -194,6 +193,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                       eps=t.adam_eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / t.lr)
+        self.adamw = optimizer  # the torch optimizer DeepSpeed drives: row rules hook its step
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
             config=deepspeed_config(cfg, self.layout.dp, self.precision))
@@ -207,33 +207,37 @@ class Trainer:
         dist.all_reduce(t, group=ps.get_data_parallel_group())
         return t.item() / self.layout.dp
 
-    # --- weight decay except norms ------------------------------------------------------------------------------
-    def _undecayed(self) -> list[torch.nn.Parameter]:
+    # --- per-row optimizer rules: no decay for the final LayerNorm, old tokens' rate after growth ---------------
+    def _install_row_rules(self) -> None:
         from .checkpoint import canonical_params
-        return [p for name, p in canonical_params(self) if name.startswith("final_norm.")]
+        from .optim import RowRule, RowRules, zero_leading_rows_grad
+        from .reshard import pattention_kind
 
-    def _master(self, p) -> torch.Tensor:
-        from deepspeed.utils import safe_get_full_fp32_param
-        full = safe_get_full_fp32_param(p)  # ZeRO's fp32 master (collective over the DP group)
-        return (full if full is not None else p.detach().float()).clone()
+        if getattr(self, "row_rules", None) is not None:
+            return
+        t, rules = self.cfg.train, []
+        mult = t.old_tokens_lr_mult
+        if mult != 1.0 and not self.grown_from:
+            raise ConfigError(f"train.old_tokens_lr_mult={mult} treats the parameter tokens a checkpoint had before "
+                              f"growth, but {self.loaded_from or 'no checkpoint (checkpoint.load)'} has no growth "
+                              f"record (grown_from): grow one with tools/reshard_checkpoint.py --expand-*")
+        for name, p in canonical_params(self):
+            if name.startswith("final_norm.") and t.weight_decay:
+                rules.append(RowRule(p, p.shape[0], decay=False))
+            kind = pattention_kind(name)
+            if kind is not None and mult != 1.0:
+                start = p.shard_range[0] if getattr(p, "shard_range", None) is not None else 0
+                old_rows = max(0, min(self.grown_from[kind[0]] - start, p.shape[0]))  # a prefix of this shard
+                rules.append(RowRule(p, old_rows, lr_mult=mult))
+                if mult == 0.0 and old_rows:
+                    zero_leading_rows_grad(p, old_rows)
+        self.row_rules = RowRules(self.adamw, rules)
 
-    def _undo_decay(self, before: list[torch.Tensor], lr: float) -> None:
-        """AdamW decays every parameter by lr * wd * p_old before its update (one optimizer group: see param_groups);
-        give that back to the norm parameters, so they follow AdamW without decay exactly."""
-        from deepspeed.utils import safe_set_full_fp32_param
-        wd = self.cfg.train.weight_decay
-        for p, old in zip(self._undecayed(), before):
-            fixed = self._master(p).add_(old, alpha=lr * wd)
-            safe_set_full_fp32_param(p, fixed)
-            with torch.no_grad():
-                p.copy_(fixed.to(p.dtype))
-
-    def train_step(self, lr: float) -> tuple[float, float]:
+    def train_step(self) -> tuple[float, float]:
         """One optimizer step (all micro-batches); returns (global mean loss, global grad norm)."""
         batches = self.train_batches.micro_batches(self.step)
         self.engine.train()
-        before = [self._master(p) for p in self._undecayed()] if self.cfg.train.weight_decay else []
-        skipped = getattr(self.engine, "skipped_steps", 0)
+        self._install_row_rules()
         if self.layout.pp > 1:
             loss = self.engine.train_batch(data_iter=iter(batches)).item()
         else:
@@ -244,8 +248,6 @@ class Trainer:
                 self.engine.backward(out)
                 self.engine.step()
             loss = self._dp_mean(total / self.cfg.train.grad_accum_steps)
-        if before and getattr(self.engine, "skipped_steps", 0) == skipped:  # an fp16 overflow step changed nothing
-            self._undo_decay(before, lr)
         norm = self.engine.get_global_grad_norm()
         return loss, float(norm) if norm is not None else float("nan")
 
@@ -280,6 +282,7 @@ class Trainer:
         if src is not None:
             state = load_checkpoint(self, src)
             self.step = state["step"]
+            self.loaded_from, self.grown_from = src, (state.get("manifest") or {}).get("grown_from")
             self.scheduler.last_epoch = self.step  # DeepSpeed restores it from its own files; not from layout-free
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step, self.cfg)
@@ -320,7 +323,7 @@ class Trainer:
         while self.step < t.steps:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             start = time.perf_counter()
-            loss, norm = self.train_step(lr)
+            loss, norm = self.train_step()
             elapsed = time.perf_counter() - start
             skipped = getattr(self.engine, "skipped_steps", 0) > skipped_before  # fp16 overflow
             if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
@@ -403,8 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from .checkpoint import CheckpointError
     try:
         result = trainer.fit()
+    except (ConfigError, CheckpointError) as e:  # found at load time: a bad checkpoint, or rules it cannot satisfy
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -32,6 +32,9 @@ def main(argv=None) -> int:
     print(f"{path}\nformat {m['format']}  step {m['step']}  tokens_seen {m['tokens_seen']}  "
           f"source layout {m['source_layout']}  optimizer {'yes' if m.get('optimizer') else 'no'}")
     print("model " + " ".join(f"{k}={v}" for k, v in model.items()))
+    if m.get("grown_from"):
+        print("grown from " + " ".join(f"{k}_tokens={v}" for k, v in m["grown_from"].items()) +
+              "  (the old tokens: train.old_tokens_lr_mult)")
     for name, e in m["tensors"].items():
         print(f"  {name:<45} {str(e['shape']):<14} {e['dtype']:<8} {','.join(e['keys']):<28} {e['sha256'][:12]}")
     if args.verify:
