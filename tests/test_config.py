@@ -28,6 +28,7 @@ def test_structural_errors_name_the_key(overrides, message):
     ({"parallel.tp": 5}, "parallel.tp"),  # 12 heads
     ({"parallel.pp": 13}, "parallel.pp"),  # 12 layers
     ({"parallel.pp": 2, "parallel.zero_stage": 2}, "parallel.zero_stage"),
+    ({"parallel.zero_stage": 0}, "parallel.zero_stage"),
     ({"train.min_lr": 1.0}, "train.min_lr"),
 ])
 def test_meaning_errors_name_the_key(overrides, key):

@@ -280,7 +280,9 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
 
     need(p.tp >= 1, "parallel.tp", "must be >= 1")
     need(p.pp >= 1, "parallel.pp", "must be >= 1")
-    need(p.zero_stage in (0, 1, 2), "parallel.zero_stage", "0, 1 or 2")
+    need(p.zero_stage in (1, 2), "parallel.zero_stage",
+         f"{p.zero_stage}: 1 or 2 (ZeRO-0 reports no grad norm and miscounts replicated and tied parameters under "
+         f"TP/PP; at DP=1, ZeRO-1 partitions nothing)")
     need(not (p.pp > 1 and p.zero_stage > 1), "parallel.zero_stage",
          "ZeRO-2 is refused by DeepSpeed's pipeline engine: use zero_stage 1 with parallel.pp > 1")
     need(p.pp <= m.num_layers, "parallel.pp", f"{p.pp} stages for {m.num_layers} layers")

@@ -8,9 +8,10 @@ the step instead: with b the weights before and a after, AdamW at rate m * lr wo
     b + m (a - b)                           (decayed rows)
     b + m (a - b) + m * lr * wd * b         (rows exempt from weight decay)
 
-The rules act on the fp32 master rows this rank owns (ZeRO's partition fragments, or the parameter itself without
-ZeRO), between the inner optimizer's step and the copy back to the model's weights: no communication, and the
-model's low-precision copy follows. Memory: one fp32 copy of the ruled rows this rank owns, during the step.
+The rules act on the fp32 master rows this rank owns (ZeRO's partition fragments, or the parameter itself under a
+plain torch optimizer), between the inner optimizer's step and the copy back to the model's weights: no
+communication, and the model's low-precision copy follows. Memory: one fp32 copy of the ruled rows this rank owns,
+during the step.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ class RowRules:
         p = rule.param
         if not hasattr(p, "_hp_mapping"):  # no ZeRO / bf16 optimizer: the optimizer steps the parameter itself
             if not any(q is p for g in self.optimizer.param_groups for q in g["params"]):
-                raise RuntimeError("per-row optimizer rules need the fp32 master weights: fp16 at ZeRO stage 0 has "
-                                   "none DeepSpeed exposes; use parallel.zero_stage 1 or 2")
+                raise RuntimeError("per-row optimizer rules: the optimizer steps neither this parameter nor a "
+                                   "ZeRO master fragment of it")
             return p.data.view(-1)[start:end]
         frag = p._hp_mapping
         if frag is None:  # this parameter lies outside this rank's ZeRO partition

@@ -190,8 +190,9 @@ class Trainer:
             model = build_model(cfg.model, t.seed, groups.tp_group() if self.layout.tp > 1 else None)
             model.activation_checkpointing = t.activation_checkpointing
             mpu = groups.MPU
+        # fused: one pass over the (ZeRO-flat) fp32 state instead of eight, on CPU and GPU alike
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                      eps=t.adam_eps)
+                                      eps=t.adam_eps, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / t.lr)
         self.adamw = optimizer  # the torch optimizer DeepSpeed drives: row rules hook its step
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(

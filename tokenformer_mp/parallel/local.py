@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_mod
 import socket
+import time
 import traceback
 
 import torch
@@ -35,9 +37,20 @@ def run_ranks(world: int, fn, *args, timeout: float = 300.0) -> list:
     for p in procs:
         p.start()
     results, errors = [None] * world, []
+    deadline = time.monotonic() + timeout
     try:
         for _ in range(world):
-            rank, value, err = queue.get(timeout=timeout)
+            while True:  # poll, so that a rank that died without reporting (killed, crashed at start-up) fails fast
+                try:
+                    rank, value, err = queue.get(timeout=1.0)
+                    break
+                except queue_mod.Empty:
+                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                    if dead or time.monotonic() > deadline:
+                        why = f"rank(s) {dead} exited with {[procs[r].exitcode for r in dead]}" if dead \
+                            else f"no result within {timeout:.0f} s"
+                        errors.append(f"{why} without reporting")
+                        raise RuntimeError(errors[-1]) from None
             results[rank] = None if value is None else torch.load(io.BytesIO(value), weights_only=False)
             if err:
                 errors.append(f"rank {rank}:\n{err}")
