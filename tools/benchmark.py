@@ -62,15 +62,20 @@ def bench_layouts():
 
 
 def bench_preprocess():
+    """At cores - 1 workers (the reading/writing process has a core of its own, as on any real node) and at one
+    worker per core (oversubscribed: the reader's work then comes out of the tokenizers' time)."""
     from tokenformer_mp.data.bench import benchmark_preprocessing
     shards = os.path.join(SHARED, "data", "minipile", "train-00000.jsonl.zst")
+    cores = len(os.sched_getaffinity(0))
     rows = []
     tokenizers = [("gpt-neox-20b", "HFTokenizer", os.path.join(SHARED, "tokenizers/gpt-neox-20b/tokenizer.json")),
                   ("sentencepiece-4k (quickstart's)", "SentencePieceTokenizer", "data/tokenizer/sample.model")]
     for name, ttype, model in tokenizers:
         if not os.path.exists(model):
             continue
-        rows.append({"tokenizer": name, **benchmark_preprocessing([shards], ttype, model, workers=2, max_docs=3000)})
+        for workers in sorted({max(1, cores - 1), cores}):
+            rows.append({"tokenizer": name, **benchmark_preprocessing([shards], ttype, model, workers=workers,
+                                                                      max_docs=3000)})
     return rows
 
 

@@ -6,6 +6,7 @@
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,7 +26,8 @@ def main() -> None:
     p.add_argument("--tokenizer-model", required=True, help="tokenizer.json or SentencePiece .model file")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True, help="end documents with EOD")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes, besides the reading one")
+    p.add_argument("--workers", type=int, default=max(1, len(os.sched_getaffinity(0)) - 1),
+                   help="tokenizer processes, besides the reading one (default: cores - 1, so the reader has one)")
     p.add_argument("--batch-size", type=int, default=256, help="documents per batch sent to a worker")
     p.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     p.add_argument("--strict", action="store_true", help="fail on the first bad line instead of skipping it")

@@ -1,13 +1,17 @@
 """Tokenize Pile-format JSONL into megatron-core indexed datasets: `{output_prefix}_{key}_document.bin/.idx`.
 
 The main process reads and writes while `workers` single-threaded processes tokenize batches of documents with the
-tokenizer's batch API and send back one flat numpy array per batch: no per-token Python objects cross processes.
-Output is written under temporary names and renamed into place only once complete.
+tokenizer's batch API. A worker writes each batch's tokens as one flat array to a scratch file (local temp dir) and
+sends back only the document lengths: pickling megabytes of tokens through the pool's pipe cost more than the
+tokenizer's own output conversion (measured: 7% of a fast tokenizer's time). Output is written under temporary
+names and renamed into place only once complete.
 """
 
 import itertools
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -39,13 +43,27 @@ def encode_to_arrays(tok: Tokenizer, texts: list[str], append_eod: bool, dtype: 
 _worker: dict = {}
 
 
-def _init_worker(tok: Tokenizer, append_eod: bool, dtype: type[np.number]) -> None:
+def _init_worker(tok: Tokenizer, append_eod: bool, dtype: type[np.number], scratch: str) -> None:
     tok.single_thread()
-    _worker.update(tok=tok, eod=append_eod, dtype=dtype)
+    _worker.update(tok=tok, eod=append_eod, dtype=dtype, scratch=scratch)
 
 
-def _encode_columns(columns: list[list[str]]) -> list[Encoded]:
-    return [encode_to_arrays(_worker["tok"], texts, _worker["eod"], _worker["dtype"]) for texts in columns]
+def _encode_columns(job: tuple[int, list[list[str]]]) -> list[tuple[str, np.ndarray]]:
+    """One batch: (scratch file holding the flat tokens, document lengths) per json key."""
+    index, columns = job
+    out = []
+    for k, texts in enumerate(columns):
+        flat, lengths = encode_to_arrays(_worker["tok"], texts, _worker["eod"], _worker["dtype"])
+        path = os.path.join(_worker["scratch"], f"{index}.{k}.bin")
+        flat.tofile(path)
+        out.append((path, lengths))
+    return out
+
+
+def _take(path: str, dtype: type[np.number]) -> np.ndarray:
+    flat = np.fromfile(path, dtype)
+    os.remove(path)
+    return flat
 
 
 def ordered_map(pool, fn: Callable, items: Iterable, max_pending: int) -> Iterator:
@@ -141,15 +159,17 @@ def preprocess(
             yield columns
 
     outputs: dict[str, _AtomicIndexedDataset] = {}
+    scratch = tempfile.mkdtemp(prefix="tokenformer_mp_preprocess.")  # local temp dir: not the output's file system
     # fork: workers start in milliseconds and inherit the loaded tokenizer, re-importing nothing.
-    pool = mp.get_context("fork").Pool(workers, _init_worker, (tok, append_eod, dtype))
+    pool = mp.get_context("fork").Pool(workers, _init_worker, (tok, append_eod, dtype, scratch))
     try:
         for key, prefix in prefixes.items():
             outputs[key] = _AtomicIndexedDataset(prefix, dtype)
         tokens = 0
         with tqdm(unit="doc", disable=not progress, desc="tokenize") as bar:
-            for columns in ordered_map(pool, _encode_columns, batches(), max_pending=4 * workers):
-                for key, (flat, lengths) in zip(json_keys, columns):
+            for columns in ordered_map(pool, _encode_columns, enumerate(batches()), max_pending=4 * workers):
+                for key, (path, lengths) in zip(json_keys, columns):
+                    flat = _take(path, dtype)
                     outputs[key].add(flat, lengths)
                     tokens += len(flat)
                 bar.update(len(columns[0][1]))
@@ -163,6 +183,7 @@ def preprocess(
         raise
     finally:
         pool.terminate()
+        shutil.rmtree(scratch, ignore_errors=True)
     return dict(
         docs=stats.docs,
         tokens=tokens,
