@@ -55,6 +55,20 @@ def test_round_trip_through_layouts_is_bit_identical(ckpt, tmp_path):
     verify(path)
 
 
+def test_tp8_pp4_round_trip(tmp_path):
+    """The largest layouts the tool promises (TP=8, PP=4), uneven token shards (30/18/70 over 8), and back."""
+    cfg = ModelConfig(num_layers=4, hidden_size=64, num_heads=8, qkv_tokens=30, proj_tokens=18, ffn_tokens=70,
+                      seq_length=32, vocab_size=256)
+    write_layout_free(dict(TokenFormer(cfg).named_parameters()), Config(model=cfg), str(tmp_path / "src"))
+    reshard(str(tmp_path / "src"), str(tmp_path / "big"), tp=8, pp=4, progress=False)
+    assert read_manifest(str(tmp_path / "big"))["config"]["parallel"] == {"tp": 8, "pp": 4, "zero_stage": 1}
+    reshard(str(tmp_path / "big"), str(tmp_path / "back"), tp=1, pp=1, progress=False)
+    a, b = read_manifest(str(tmp_path / "src"))["tensors"], read_manifest(str(tmp_path / "back"))["tensors"]
+    assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
+    with pytest.raises(CheckpointError, match="parallel.tp"):  # 16 does not divide 8 heads
+        reshard(str(tmp_path / "src"), str(tmp_path / "bad"), tp=16, progress=False)
+
+
 @pytest.mark.parametrize("plan", [
     ExpandPlan({"qkv": 120, "proj": 72, "ffn": 280}),  # 4x
     ExpandPlan({"qkv": 31, "proj": 18, "ffn": 77}),  # uneven growth, one kind unchanged
