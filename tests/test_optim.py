@@ -55,3 +55,9 @@ def test_frozen_rows_get_no_gradient():
     (p * torch.arange(1.0, 6.0)[:, None]).sum().backward()
     assert torch.equal(p.grad[:2], torch.zeros(2, 3))
     assert torch.equal(p.grad[2:], torch.tensor([3.0, 4.0, 5.0])[:, None].expand(3, 3))
+
+
+def test_a_rule_the_optimizer_cannot_see_is_an_error():
+    stepped, other = torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(RuntimeError, match="neither this parameter"):
+        RowRules(torch.optim.AdamW([stepped]), [RowRule(other, 2, lr_mult=0.0)])

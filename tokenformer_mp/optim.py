@@ -39,6 +39,11 @@ class RowRules:
         self.optimizer = optimizer
         self.rules = [r for r in rules if r.rows > 0 and (r.lr_mult != 1.0 or not r.decay)]
         self._saved: list[tuple[torch.Tensor, torch.Tensor, RowRule, dict]] = []
+        for rule in self.rules:  # a rule that finds no optimizer state to act on must not pass silently
+            view = self._master_view(rule)
+            if view is not None and self._group_of(view) is None:
+                raise RuntimeError(f"per-row optimizer rule on a {tuple(rule.param.shape)} parameter: its master "
+                                   f"weights are in none of the optimizer's parameter groups")
         if self.rules:
             optimizer.register_step_pre_hook(self._before)
             optimizer.register_step_post_hook(self._after)
