@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Progressive scaling, reproduced small on a CPU (the paper's Fig. 3 and Fig. 6 in miniature).
 
-Three runs on the same data and token budget:
-  grown-zero   train a small TokenFormer, grow every Pattention 4x with zero keys (tau pinned), continue;
-  grown-random the same, but new keys random and tau = sqrt(new n) (the reference's way);
-  scratch      the large size from step 0 for the same total steps.
+Four runs on the same data and token budget:
+  grown-zero        train a small TokenFormer, grow every Pattention 4x with zero keys (tau pinned), continue;
+  grown-zero-frozen the same, with the old tokens frozen after growth (train.old_tokens_lr_mult 0);
+  grown-random      the same as grown-zero, but new keys random and tau = sqrt(new n) (the reference's way);
+  scratch           the large size from step 0 for the same total steps.
 Writes results.json, scaling_flops.png (validation loss against training FLOPs) and scaling_growth.png (the loss
 around the moment of growth) into --out.
 
@@ -26,6 +27,40 @@ def run(overrides: dict) -> list[dict]:
     return run_ranks(1, train_history, "configs/debug.yaml", overrides, timeout=3600)[0]
 
 
+def plot(results: dict, steps_small: int, f_small: float, small: dict, factor: int, out: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, hist in results.items():
+        v = [r for r in hist if "val_loss" in r]
+        ax.plot([r["flops"] for r in v], [r["val_loss"] for r in v], "o-", ms=3, label=name)
+    ax.axvline(steps_small * f_small, color="gray", ls=":", label="growth")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"TokenFormer {small} -> x{factor} tokens vs scratch")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(f"{out}/scaling_flops.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lo, hi = steps_small - 50, steps_small + 100
+    for i, name in enumerate(n for n in results if n.startswith("grown")):
+        w = [r for r in results[name] if lo <= r["step"] <= hi]
+        color = f"C{i}"
+        ax.plot([r["step"] for r in w], [r["loss"] for r in w], lw=0.8, alpha=0.45, color=color)
+        v = [r for r in w if "val_loss" in r]
+        ax.plot([r["step"] for r in v], [r["val_loss"] for r in v], "o-", ms=4, lw=2, color=color, label=name)
+    ax.axvline(steps_small, color="gray", ls=":", label="growth")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (thin: training, dots: validation)")
+    ax.set_title("loss around growth")
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(f"{out}/scaling_growth.png", dpi=120)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="bench_out/scaling")
@@ -34,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-small", type=int, default=400)
     ap.add_argument("--steps-grown", type=int, default=400)
     ap.add_argument("--eval-interval", type=int, default=25)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plots from --out's results.json")
     args = ap.parse_args(argv)
     os.chdir(REPO)
     from tokenformer_mp.config import load_config
@@ -60,15 +96,23 @@ def main(argv=None) -> int:
         m = load_config("configs/debug.yaml", {**tokens(t), "model.vocab_size": 4096}).model
         return flops_per_token(m) * tokens_per_step
 
+    if args.plot_only:
+        saved = json.load(open(f"{out}/results.json"))
+        a = saved["args"]
+        small = dict(zip(("qkv", "proj", "ffn"), a["small_tokens"]))
+        plot(saved["runs"], a["steps_small"], flops(small), small, a["factor"], out)
+        return 0
     results = {}
     h_small = run({**common, **tokens(small), "train.steps": args.steps_small, "run_dir": f"{out}/small"})
-    for name, key_init, pinned in (("grown-zero", "zeros", small), ("grown-random", "normal", None)):
+    grown = (("grown-zero", "zeros", small, 1.0), ("grown-zero-frozen", "zeros", small, 0.0),
+             ("grown-random", "normal", None, 1.0))
+    for name, key_init, pinned, old_mult in grown:
         ck = f"{out}/{name}-ckpt"
         # the reference's way (random keys) also lets tau follow the new token count
         reshard(f"{out}/small/checkpoints", ck, expand=ExpandPlan(large, key_init=key_init, pin_tau=pinned is not None),
                 overwrite=True, progress=False)
         h = run({**common, **tokens(large, pinned), "train.steps": args.steps_grown, "checkpoint.load": ck,
-                 "run_dir": f"{out}/{name}"})
+                 "train.old_tokens_lr_mult": old_mult, "run_dir": f"{out}/{name}"})
         for r in h:
             r["step"] += args.steps_small
         results[name] = h_small + h
@@ -82,41 +126,14 @@ def main(argv=None) -> int:
     summary = {name: {"final_val_loss": [r for r in h if "val_loss" in r][-1]["val_loss"],
                       "total_flops": h[-1]["flops"]} for name, h in results.items()}
     pre = [r for r in h_small if "val_loss" in r][-1]["val_loss"]
-    for name in ("grown-zero", "grown-random"):
+    for name, *_ in grown:
         first_after = results[name][args.steps_small]  # the first step after growth
         summary[name]["loss_before_growth"] = h_small[-1]["loss"]
         summary[name]["loss_first_step_after"] = first_after["loss"]
         summary[name]["val_before_growth"] = pre
     json.dump({"summary": summary, "args": vars(args), "runs": results}, open(f"{out}/results.json", "w"), indent=1)
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, hist in results.items():
-        v = [r for r in hist if "val_loss" in r]
-        ax.plot([r["flops"] for r in v], [r["val_loss"] for r in v], "o-", ms=3, label=name)
-    ax.axvline(args.steps_small * f_small, color="gray", ls=":", label="growth")
-    ax.set_xlabel("training FLOPs")
-    ax.set_ylabel("validation loss")
-    ax.set_title(f"TokenFormer {small} -> x{args.factor} tokens vs scratch")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(f"{out}/scaling_flops.png", dpi=120)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lo, hi = args.steps_small - 50, args.steps_small + 100
-    for name in ("grown-zero", "grown-random"):
-        w = [r for r in results[name] if lo <= r["step"] <= hi]
-        ax.plot([r["step"] for r in w], [r["loss"] for r in w], lw=1, label=name)
-    ax.axvline(args.steps_small, color="gray", ls=":", label="growth")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_title("loss around growth")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(f"{out}/scaling_growth.png", dpi=120)
+    plot(results, args.steps_small, f_small, small, args.factor, out)
     print(json.dumps(summary, indent=1))
     return 0
 
