@@ -27,8 +27,9 @@ def minipile(tmp_path_factory) -> dict:
 
 
 def debug_overrides(data: dict, run_dir, **kw) -> dict:
-    """The debug config on minipile, small enough for several ranks on two cores."""
-    base = {"data.prefixes": [data["prefix"]], "data.tokenizer_model": data["tokenizer"],
+    """The debug config on minipile, small enough for several ranks on two cores. On the CPU even where a GPU is
+    present: layouts are compared in fp32 over gloo (tests/test_gpu.py covers the GPU path)."""
+    base = {"train.device": "cpu", "data.prefixes": [data["prefix"]], "data.tokenizer_model": data["tokenizer"],
             "data.tokenizer_type": "SentencePieceTokenizer", "run_dir": str(run_dir),
             "model.seq_length": 64, "train.micro_batch_size": 2, "train.grad_accum_steps": 2,
             "train.eval_interval": 0, "train.warmup_steps": 2, "train.log_interval": 1}
