@@ -62,10 +62,17 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    m = new["model"]
-    print(json.dumps({"saved": args.save, "layout": new["history"][-1]["target_layout"],
+    m, layout = new["model"], new["history"][-1]["target_layout"]
+    print(json.dumps({"saved": args.save, "layout": layout,
                       "tokens": {k: m[f"{k}_tokens"] for k in ("qkv", "proj", "ffn")}, "step": new["step"],
-                      "optimizer": new["optimizer"] is not None}))
+                      "optimizer": new["optimizer"] is not None, "grown_from": new.get("grown_from")}))
+    # what the training config must say to load it (a mismatch is refused, naming the keys)
+    keys = [f"--model.{k}_tokens {m[f'{k}_tokens']}" for k in ("qkv", "proj", "ffn")]
+    keys += [f"--model.{k}_scale_tokens {m[f'{k}_scale_tokens']}" for k in ("qkv", "proj", "ffn") if m[f"{k}_scale_tokens"]]
+    print(f"continue with: python -m tokenformer_mp.train --config YOUR.yaml --checkpoint.load {args.save} "
+          f"--parallel.tp {layout['tp']} --parallel.pp {layout['pp']} {' '.join(keys)}"
+          + (" [--train.old_tokens_lr_mult 0 to freeze the old tokens]" if new.get("grown_from") else ""),
+          file=sys.stderr)
     return 0
 
 
