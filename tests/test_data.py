@@ -102,6 +102,7 @@ def assert_round_trip(prefix: str, tok, texts: list[str]) -> None:
     ds = IndexedDataset(prefix)
     assert len(ds) == len(texts)
     assert ds.index.dtype == np.uint16  # both vocabularies are below 65500 ids
+    assert ds.document_indices.tolist() == list(range(len(texts) + 1))  # one document per sequence
     for i, text in enumerate(texts):
         assert ds[i].tolist() == tok.encode(text) + [tok.eod], f"document {i}"
 
@@ -129,6 +130,19 @@ def test_preprocess_several_keys_without_eod(tmp_path, neox):
     for key in ("text", "title"):
         ds = IndexedDataset(stats["outputs"][key])
         assert [ds[i].tolist() for i in range(len(ds))] == [neox.encode(r[key]) for r in rows]
+
+
+@pytest.mark.parametrize("eod", [True, False])
+def test_preprocess_sentencepiece_native_arrays_with_and_without_eod(tmp_path, sp_model, eod):
+    """SentencePiece hands back numpy arrays (no Python int per token); empty documents included."""
+    sp = build_tokenizer("SentencePieceTokenizer", sp_model)
+    rows = [{"text": t} for t in ("first document", "", "a third, longer document with more words in it", "")]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = preprocess([str(src)], str(tmp_path / "out"), "SentencePieceTokenizer", sp_model, append_eod=eod,
+                       batch_size=3, progress=False)  # fmt: skip
+    ds = IndexedDataset(stats["outputs"]["text"])
+    assert [ds[i].tolist() for i in range(len(ds))] == [sp.encode(r["text"]) + [sp.eod] * eod for r in rows]
 
 
 @pytest.fixture

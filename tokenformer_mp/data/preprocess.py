@@ -31,11 +31,15 @@ def token_dtype(vocab_size: int) -> type[np.number]:
 
 
 def encode_to_arrays(tok: Tokenizer, texts: list[str], append_eod: bool, dtype: type[np.number]) -> Encoded:
-    docs = tok.encode_batch(texts)
+    docs = tok.encode_batch_native(texts)
+    lengths = np.fromiter(map(len, docs), np.int64, len(docs)) + int(append_eod)
+    if docs and isinstance(docs[0], np.ndarray):
+        eod = np.array([tok.eod], dtype=docs[0].dtype)
+        parts = [x for d in docs for x in (d, eod)] if append_eod else docs
+        return np.concatenate(parts).astype(dtype, copy=False), lengths
     if append_eod:
         for ids in docs:
             ids.append(tok.eod)
-    lengths = np.fromiter(map(len, docs), np.int64, len(docs))
     return np.fromiter(itertools.chain.from_iterable(docs), dtype, int(lengths.sum())), lengths
 
 
@@ -96,9 +100,11 @@ class _AtomicIndexedDataset:
         self.builder = IndexedDatasetBuilder(self.tmp + ".bin", dtype=dtype)
 
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        ends = np.cumsum(lengths)
-        for start, end in zip((ends - lengths).tolist(), ends.tolist()):
-            self.builder.add_document(tokens[start:end], [end - start])
+        """A batch of documents, each one sequence: what add_document does per document, in one write."""
+        b = self.builder
+        b.add_document(tokens, lengths.tolist())  # every sequence, then a single document end ...
+        n = len(b.sequence_lengths)
+        b.document_indices[-1:] = range(n - len(lengths) + 1, n + 1)  # ... which becomes one end per sequence
 
     def commit(self) -> None:
         self.builder.finalize(self.tmp + ".idx")
