@@ -74,8 +74,10 @@ def bench_preprocess():
         if not os.path.exists(model):
             continue
         for workers in sorted({max(1, cores - 1), cores}):
+            # a whole shard (6,270 documents): throughput is a steady-state figure, and on a few thousand
+            # documents the fixed costs (fork, first read, renames) would weigh several percent
             rows.append({"tokenizer": name, **benchmark_preprocessing([shards], ttype, model, workers=workers,
-                                                                      max_docs=3000)})
+                                                                      max_docs=None)})
     return rows
 
 

@@ -55,7 +55,7 @@ def benchmark_preprocessing(
     tokenizer_type: str,
     tokenizer_model: str,
     workers: int = 1,
-    max_docs: int = 2000,
+    max_docs: int | None = 2000,
     batch_size: int = 256,
     repeats: int = 3,
 ) -> dict:
