@@ -173,6 +173,7 @@ class Trainer:
         self.history: list[dict] = []  # every step's record, on every rank (tests compare layouts with it)
         self._stop_signal = None
         self.loaded_from, self.grown_from = None, None  # grown_from: token counts per kind before the last growth
+        self.row_rules = None  # installed at the first step, once a checkpoint (and its grown_from) is loaded
 
     # --- engine -----------------------------------------------------------------------------------------------
     def _build_engine(self, groups) -> None:
@@ -214,7 +215,7 @@ class Trainer:
         from .optim import RowRule, RowRules, zero_leading_rows_grad
         from .reshard import pattention_kind
 
-        if getattr(self, "row_rules", None) is not None:
+        if self.row_rules is not None:
             return
         t, rules = self.cfg.train, []
         mult = t.old_tokens_lr_mult

@@ -67,8 +67,8 @@ def main(argv=None) -> int:
                       "tokens": {k: m[f"{k}_tokens"] for k in ("qkv", "proj", "ffn")}, "step": new["step"],
                       "optimizer": new["optimizer"] is not None, "grown_from": new.get("grown_from")}))
     # what the training config must say to load it (a mismatch is refused, naming the keys)
-    keys = [f"--model.{k}_tokens {m[f'{k}_tokens']}" for k in ("qkv", "proj", "ffn")]
-    keys += [f"--model.{k}_scale_tokens {m[f'{k}_scale_tokens']}" for k in ("qkv", "proj", "ffn") if m[f"{k}_scale_tokens"]]
+    keys = [f"--model.{k} {m[k]}" for kind in ("qkv", "proj", "ffn")
+            for k in (f"{kind}_tokens", f"{kind}_scale_tokens") if m[k] is not None]
     print(f"continue with: python -m tokenformer_mp.train --config YOUR.yaml --checkpoint.load {args.save} "
           f"--parallel.tp {layout['tp']} --parallel.pp {layout['pp']} {' '.join(keys)}"
           + (" [--train.old_tokens_lr_mult 0 to freeze the old tokens]" if new.get("grown_from") else ""),
