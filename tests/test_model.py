@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenformer_mp.config import ModelConfig, load_config
-from tokenformer_mp.model import Pattention, TokenFormer, count_params, flops_per_token
+from tokenformer_mp.model import Pattention, TokenFormer, _row_dot, count_params, flops_per_token
 
 
 def reference(x, K, V, norm, n_scale):
@@ -27,11 +27,12 @@ def reference(x, K, V, norm, n_scale):
     return W @ V.double()
 
 
+@pytest.mark.parametrize("rows", [(3, 5), (4, 6)])  # odd and even row counts: both ways of the backward's row dot
 @pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm", "softmax"])
-def test_pattention_matches_float64_formula(norm):
+def test_pattention_matches_float64_formula(norm, rows):
     torch.manual_seed(0)
     p = Pattention(24, 40, 96, norm=norm)
-    x = torch.randn(3, 5, 24)
+    x = torch.randn(*rows, 24)
     expected = reference(x, p.key_tokens, p.value_tokens, norm, 96)
     torch.testing.assert_close(p(x).double(), expected, rtol=1e-5, atol=1e-6)
     # gradients: the fused backward against autograd through the float64 formula
@@ -43,6 +44,15 @@ def test_pattention_matches_float64_formula(norm):
     torch.testing.assert_close(xs.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(p.key_tokens.grad.double(), K.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(p.value_tokens.grad.double(), V.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [(4, 6), (3, 5)])
+def test_row_dot_in_fp32_for_every_input(dtype, rows):
+    a, b = torch.randn(*rows, 300).to(dtype), torch.randn(*rows, 300).to(dtype)
+    got = _row_dot(a, b, torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (*rows, 1)
+    torch.testing.assert_close(got.double(), (a.double() * b.double()).sum(-1, keepdim=True), rtol=1e-5, atol=1e-4)
 
 
 def test_fused_l2_norm_gelu_gradcheck():

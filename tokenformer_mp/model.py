@@ -48,7 +48,7 @@ class _L2NormGeluScores(torch.autograd.Function):
         x, keys, z, scale, norm = ctx.saved_tensors
         dz = torch.ops.aten.gelu_backward(grad_out, z)
         # d z_j / d A_i = s (delta_ij - z_i z_j / tau^2): the norm couples every token of a row.
-        dot = ctx.reduce(torch.linalg.vecdot(dz.to(norm.dtype), z.to(norm.dtype), dim=-1).unsqueeze(-1))
+        dot = ctx.reduce(_row_dot(dz, z, norm.dtype))
         coef = torch.where(norm > NORM_EPS, dot / ctx.tau**2, torch.zeros_like(dot))
         da = dz.addcmul_(z, coef.to(z.dtype), value=-1.0)  # dL/dA / scale, in place
         # The row scale goes onto the narrow side of each matmul ([.., d_in], not [.., n]): one pass fewer.
@@ -56,6 +56,17 @@ class _L2NormGeluScores(torch.autograd.Function):
         grad_x = (da @ keys).mul_(s) if ctx.needs_input_grad[0] else None
         grad_k = da.flatten(0, -2).t() @ (x * s).flatten(0, -2) if ctx.needs_input_grad[1] else None
         return grad_x, grad_k, None, None
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum(a * b, -1, keepdim=True) in `dtype`. [..., n] x [..., n] -> [..., 1]."""
+    if a.dtype != dtype or a.shape[:-1].numel() % 2:
+        return torch.linalg.vecdot(a.to(dtype), b.to(dtype), dim=-1).unsqueeze(-1)
+    # Rows in pairs, one batched matmul: [P, 2, n] @ [P, n, 2], keep the diagonal. One pass with no [.., n]
+    # temporary; twice as fast as vecdot (a product, then a sum) on a CPU. Reduced precision takes the branch above
+    # because its matmul would round the statistic.
+    pairs = torch.bmm(a.reshape(-1, 2, a.shape[-1]), b.reshape(-1, 2, b.shape[-1]).transpose(1, 2))
+    return pairs.diagonal(dim1=1, dim2=2).reshape(*a.shape[:-1], 1)
 
 
 def pattention_weights(x: torch.Tensor, keys: torch.Tensor, norm: str, tau: float, reduce=_identity,
