@@ -1,4 +1,10 @@
-"""Rank discovery: one function reads every launcher's variables and keeps a given MASTER_ADDR."""
+"""Rank discovery: one function reads every launcher's variables and keeps a given MASTER_ADDR; host settings."""
+import os
+import subprocess
+import sys
+
+import pytest
+
 from tokenformer_mp.parallel.launch import discover
 
 
@@ -47,3 +53,40 @@ def test_local_rank_before_the_process_group():
     assert local_rank({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == 1
     assert local_rank({"SLURM_PROCID": "0", "SLURM_LOCALID": "0"}) == 0  # a batch script without srun
     assert local_rank({}) == 0
+
+
+
+_HOST_MEMORY = """
+import ctypes, sys, torch
+from tokenformer_mp.parallel.launch import hold_freed_host_memory
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                               "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+held = hold_freed_host_memory() if sys.argv[1] == "hold" else None
+mapped = mallinfo2().hblkhd
+t = torch.ones(5 << 20)  # 20 MiB
+mapped = mallinfo2().hblkhd - mapped
+del t
+kept = mallinfo2().fordblks
+print(held, mapped >> 20, kept >> 20)
+"""
+
+
+def _host_memory(mode: str, **extra_env) -> list[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
+    return subprocess.run([sys.executable, "-c", _HOST_MEMORY, mode], env={**env, **extra_env}, check=True,
+                          capture_output=True, text=True).stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_freed_host_memory_stays_in_the_process():
+    # glibc's default: a fresh 20 MiB block is a mapping of its own, unmapped when freed (and faulted in next time)
+    assert _host_memory("default") == ["None", "20", "0"]
+    # held: it comes from the heap and stays there when freed, for the next step's tensors
+    held, mapped, kept = _host_memory("hold")
+    assert (held, mapped, int(kept) >= 20) == ("True", "0", True)
+    # a user's own allocator settings win
+    assert _host_memory("hold", MALLOC_ARENA_MAX="2")[0] == "False"

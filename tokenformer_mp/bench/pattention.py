@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from ..model import Pattention
+from ..parallel.launch import hold_freed_host_memory
 
 
 def _time_fwd_bwd(module: nn.Module, x: torch.Tensor, iters: int) -> float:
@@ -23,6 +24,8 @@ def _time_fwd_bwd(module: nn.Module, x: torch.Tensor, iters: int) -> float:
 def compare(tokens: int, d_in: int, n: int, d_out: int, iters: int = 10, rounds: int = 3,
             device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """Interleaved rounds, best of each: both see the same machine state."""
+    if device == "cpu":
+        hold_freed_host_memory()  # as in training (parallel.launch): one allocator state for both sides
     torch.manual_seed(0)
     pat = Pattention(d_in, d_out, n).to(device, dtype)
     mlp = nn.Sequential(nn.Linear(d_in, n, bias=False), nn.GELU(), nn.Linear(n, d_out, bias=False)).to(device, dtype)

@@ -6,6 +6,7 @@ discovered one.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
@@ -109,6 +110,27 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def hold_freed_host_memory() -> bool:
+    """Keep freed host memory in the process for reuse, as a caching allocator does; True if glibc took it.
+
+    By default glibc unmaps every freed block over its mmap threshold and trims the heap top when it frees more than
+    twice that; a CPU training step frees and re-allocates the same activations every step, so each step page-faults
+    them back in (a fifth of a debug-size step). PyTorch's CUDA allocator caches for the same reason, and PyTorch's
+    CPU tuning guide preloads jemalloc or tcmalloc for it. The price is a resident size at the step's high-water
+    mark (debug config: 20% faster steps, RSS flat after ~100 steps at 6% more). Left alone: a preloaded allocator,
+    the user's MALLOC_* settings.
+    """
+    if "malloc" in os.environ.get("LD_PRELOAD", "") or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # glibc's; absent on musl and macOS
+    except (AttributeError, OSError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    # Blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap, and the heap is never trimmed.
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, -1))
+
+
 def init_distributed(device: torch.device, timeout_s: int = 600) -> LaunchEnv:
     """Discover the launch, export it, and start the default process group (NCCL on GPU, gloo on CPU)."""
     le = discover()
@@ -117,6 +139,8 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> LaunchEnv:
         # Ranks sharing a machine share its cores: one BLAS pool each of cores/ranks, not cores each (oversubscribed).
         local = int(os.environ.get("LOCAL_WORLD_SIZE", le.world_size if le.master_addr.startswith("127.") else 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+    if device.type == "cpu":
+        hold_freed_host_memory()
     if not dist.is_initialized():
         import datetime
         import deepspeed
