@@ -21,7 +21,7 @@ def _time_fwd_bwd(module: nn.Module, x: torch.Tensor, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def compare(tokens: int, d_in: int, n: int, d_out: int, iters: int = 10, rounds: int = 3,
+def compare(tokens: int, d_in: int, n: int, d_out: int, iters: int = 10, rounds: int = 5,
             device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """Interleaved rounds, best of each: both see the same machine state."""
     if device == "cpu":
