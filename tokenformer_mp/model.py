@@ -59,12 +59,13 @@ class _L2NormGeluScores(torch.autograd.Function):
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum(a * b, -1, keepdim=True) in `dtype`. [..., n] x [..., n] -> [..., 1]."""
-    if a.dtype != dtype or a.shape[:-1].numel() % 2:
-        return torch.linalg.vecdot(a.to(dtype), b.to(dtype), dim=-1).unsqueeze(-1)
+    """sum(a * b, -1, keepdim=True), summed in `dtype`. [..., n] x [..., n] -> [..., 1]."""
+    if a.dtype != dtype:  # bf16: products rounded once, summed in fp32, no fp32 copies of the operands
+        return (a * b).sum(-1, keepdim=True, dtype=dtype)
+    if a.shape[:-1].numel() % 2:
+        return torch.linalg.vecdot(a, b, dim=-1).unsqueeze(-1)
     # Rows in pairs, one batched matmul: [P, 2, n] @ [P, n, 2], keep the diagonal. One pass with no [.., n]
-    # temporary; twice as fast as vecdot (a product, then a sum) on a CPU. Reduced precision takes the branch above
-    # because its matmul would round the statistic.
+    # temporary; twice as fast as vecdot (a product, then a sum) on a CPU.
     pairs = torch.bmm(a.reshape(-1, 2, a.shape[-1]), b.reshape(-1, 2, b.shape[-1]).transpose(1, 2))
     return pairs.diagonal(dim1=1, dim2=2).reshape(*a.shape[:-1], 1)
 
