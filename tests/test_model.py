@@ -137,3 +137,21 @@ def test_model_loss_is_near_uniform_at_init():
     model = TokenFormer(cfg)
     tokens = torch.randint(0, 512, (2, 32))
     assert abs(model(tokens, tokens).item() - math.log(512)) < 0.1
+
+
+def test_benchmark_pieces_add_up_to_the_kernel():
+    """tools/benchmark.py's breakdown times the model's maths when every piece is on, a plain GELU when none is."""
+    from tokenformer_mp.bench.pattention import PIECES, _PiecesOf
+    torch.manual_seed(0)
+    p = Pattention(16, 12, 40)
+    x = torch.randn(6, 16)
+    runs = []
+    for m in (p, _PiecesOf(p, len(PIECES) - 1), _PiecesOf(p, 0)):
+        p.zero_grad(set_to_none=True)
+        xs = x.clone().requires_grad_()
+        out = m(xs)
+        out.square().sum().backward()
+        runs.append((out.detach(), xs.grad, p.key_tokens.grad.clone(), p.value_tokens.grad.clone()))
+    for full, model in zip(runs[1], runs[0]):
+        torch.testing.assert_close(full, model, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(runs[2][0], F.gelu(x @ p.key_tokens.detach().T) @ p.value_tokens.detach())

@@ -32,6 +32,11 @@ def bench_pattention():
     return [compare(*s) for s in SHAPES]
 
 
+def bench_pattention_parts():
+    from tokenformer_mp.bench.pattention import SHAPES, breakdown
+    return breakdown(*SHAPES[-1])  # the narrow shape, where the overhead shows
+
+
 def bench_mfu():
     from tokenformer_mp.bench.train import measure
     small = {"train.steps": 8, "model.vocab_size": 4096}
@@ -89,6 +94,7 @@ def bench_reshard():
 
 
 SECTIONS = {"pattention": (bench_pattention, ["shape", "pattention_ms", "mlp_ms", "ratio"]),
+            "pattention_parts": (bench_pattention_parts, ["variant", "ms", "ratio"]),
             "mfu": (bench_mfu, ["model", "step_time_s", "tokens_per_s", "mfu"]),
             "layouts": (bench_layouts, ["name", "world", "step_time_s", "tokens_per_s", "tp_bytes_per_step",
                                         "tp_bytes_analytic", "tp_bytes_match", "all_bytes_per_step_rank0"]),
