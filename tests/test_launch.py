@@ -55,7 +55,6 @@ def test_local_rank_before_the_process_group():
     assert local_rank({}) == 0
 
 
-
 _HOST_MEMORY = """
 import ctypes, sys, torch
 from tokenformer_mp.parallel.launch import hold_freed_host_memory

@@ -115,10 +115,9 @@ def hold_freed_host_memory() -> bool:
 
     By default glibc unmaps every freed block over its mmap threshold and trims the heap top when it frees more than
     twice that; a CPU training step frees and re-allocates the same activations every step, so each step page-faults
-    them back in (a fifth of a debug-size step). PyTorch's CUDA allocator caches for the same reason, and PyTorch's
-    CPU tuning guide preloads jemalloc or tcmalloc for it. The price is a resident size at the step's high-water
-    mark (debug config: 20% faster steps, RSS flat after ~100 steps at 6% more). Left alone: a preloaded allocator,
-    the user's MALLOC_* settings.
+    them back in. PyTorch's CUDA allocator caches for the same reason, and PyTorch's CPU tuning guide preloads
+    jemalloc or tcmalloc for it. Debug config: steps 20% faster, RSS flat after ~100 steps at 6% more. Left alone: a
+    preloaded allocator, the user's MALLOC_* settings.
     """
     if "malloc" in os.environ.get("LD_PRELOAD", "") or any(k.startswith("MALLOC_") for k in os.environ):
         return False
@@ -135,11 +134,11 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> LaunchEnv:
     """Discover the launch, export it, and start the default process group (NCCL on GPU, gloo on CPU)."""
     le = discover()
     export(le)
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        # Ranks sharing a machine share its cores: one BLAS pool each of cores/ranks, not cores each (oversubscribed).
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", le.world_size if le.master_addr.startswith("127.") else 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
     if device.type == "cpu":
+        if "OMP_NUM_THREADS" not in os.environ:
+            # Ranks sharing a machine share its cores: one BLAS pool each of cores/ranks, not cores each.
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", le.world_size if le.master_addr.startswith("127.") else 1))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
         hold_freed_host_memory()
     if not dist.is_initialized():
         import datetime
