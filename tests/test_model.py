@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from tokenformer_mp.config import ModelConfig, load_config
-from tokenformer_mp.model import Pattention, TokenFormer, _row_dot, count_params, flops_per_token
+from tokenformer_mp.model import (Pattention, TokenFormer, _Rotary, _row_dot, count_params, cross_entropy,
+                                  flops_per_token, rotary_tables)
 
 
 def reference(x, K, V, norm, n_scale):
@@ -137,6 +138,55 @@ def test_model_loss_is_near_uniform_at_init():
     model = TokenFormer(cfg)
     tokens = torch.randint(0, 512, (2, 32))
     assert abs(model(tokens, tokens).item() - math.log(512)) < 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_matches_log_softmax_formula(dtype):
+    """Loss and gradient against the float64 definition, including a row whose label is ~500 nats below the top
+    logit: its probability underflows fp32, the loss must not become inf."""
+    torch.manual_seed(0)
+    logits = (torch.randn(4, 6, 300) * 3).to(dtype)
+    labels = torch.randint(0, 300, (4, 6))
+    logits[0, 0, 7], labels[0, 0] = 500.0, 3
+    upstream = torch.rand(4, 6)
+    x = logits.clone().requires_grad_()
+    loss = cross_entropy(x, labels)
+    (loss * upstream).sum().backward()
+    x64 = logits.double().requires_grad_()
+    ref = -torch.log_softmax(x64, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    (ref * upstream.double()).sum().backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-5)  # fp32 sums of bf16 inputs
+    tol = 1e-6 if dtype == torch.float32 else 2**-8  # the gradient is rounded to the logits' dtype
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol, atol=tol)
+
+
+def test_cross_entropy_backward_twice_is_an_error():
+    x = torch.randn(3, 10, requires_grad=True)
+    loss = cross_entropy(x, torch.tensor([1, 2, 3])).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_rotary_matches_neox_formula():
+    """q and k rotated together against GPT-NeoX's rotate_half written out (first 2h of each head's channels),
+    on the strided [B, H, T, hd] views the model passes; the backward by gradcheck."""
+    def neox(x, cos, sin):
+        r = 2 * cos.shape[-1]
+        rot, rest = x[..., :r], x[..., r:]
+        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        half = torch.cat([-rot[..., r // 2:], rot[..., :r // 2]], -1)
+        return torch.cat([rot * cos + half * sin, rest], -1)
+
+    q = torch.randn(2, 5, 3, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()  # [B, H, T, hd]
+    k = torch.randn(2, 5, 3, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    cos, sin = rotary_tables(5, 4, 10000.0, "cpu", torch.float64)
+    rq, rk = _Rotary.apply(q, k, cos, sin)
+    torch.testing.assert_close(rq, neox(q, cos, sin), rtol=0, atol=1e-12)
+    torch.testing.assert_close(rk, neox(k, cos, sin), rtol=0, atol=1e-12)
+    assert torch.equal(rq[:, :, 0], q[:, :, 0])  # position 0 turns by angle 0
+    assert torch.autograd.gradcheck(lambda a, b: _Rotary.apply(a, b, cos, sin), (q, k))
 
 
 def test_benchmark_pieces_add_up_to_the_kernel():

@@ -169,19 +169,37 @@ def init_sharded_(p: torch.Tensor, std: float, generator: torch.Generator | None
 # --- the language model -----------------------------------------------------------------------------------------
 
 def rotary_tables(seq_len: int, dim: int, base: float, device, dtype):
+    """cos and sin of each position's angles: [T, dim / 2] each (the two rotated halves share them)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)  # [T, dim]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """GPT-NeoX partial rotary: rotate the first `dim` channels of each head, pass the rest. x: [B, H, T, hd]."""
-    dim = cos.shape[-1]
-    rot, rest = x[..., :dim], x[..., dim:]
-    r1, r2 = rot.chunk(2, dim=-1)
-    rotated = torch.cat([-r2, r1], dim=-1)
-    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """GPT-NeoX partial rotary: channels [0, h) and [h, 2h) of each head turn by the position angle (sign -1: back),
+    the rest pass. x: [B, H, T, hd], cos/sin: [T, h]."""
+    h = cos.shape[-1]
+    x1, x2 = x[..., :h], x[..., h:2 * h]
+    out = x.clone()
+    o1, o2 = out[..., :h], out[..., h:2 * h]
+    torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=o2).addcmul_(x1, sin, value=sign)
+    return out
+
+
+class _Rotary(torch.autograd.Function):
+    """Rotary embedding of q and k in one autograd node whose backward is the inverse rotation: five kernels per
+    tensor each way, where slicing, negating and concatenating made some twenty (8% of a debug step on a CPU)."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(q, cos, sin, 1.0), _rotate(k, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        return _rotate(grad_q, cos, sin, -1.0), _rotate(grad_k, cos, sin, -1.0), None, None
 
 
 def make_pattention(cfg: ModelConfig, kind: str, in_features: int, out_features: int) -> Pattention:
@@ -202,6 +220,13 @@ class Attention(nn.Module):
         self.value = make_pattention(cfg, "qkv", h, h)
         self.proj = make_pattention(cfg, "proj", h, h)
         self.enter = _identity  # one input region for Q, K and V together (see parallel.tensor_parallel)
+        self._tables = None  # rotary cos/sin for the last (T, device, dtype) seen
+
+    def _rotary_tables(self, T: int, x: torch.Tensor):
+        t = self._tables
+        if t is None or t[0].shape[0] != T or t[0].device != x.device or t[0].dtype != x.dtype:
+            t = self._tables = rotary_tables(T, self.rotary_dim, self.rotary_base, x.device, x.dtype)
+        return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -209,8 +234,7 @@ class Attention(nn.Module):
         # [B, T, heads * hd] -> [B, heads, T, hd]; under TP "heads" are this rank's heads.
         q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.query, self.key, self.value))
         if self.rotary_dim:
-            cos, sin = rotary_tables(T, self.rotary_dim, self.rotary_base, x.device, q.dtype)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            q, k = _Rotary.apply(q, k, *self._rotary_tables(T, q))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash / memory-efficient kernels on GPU
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -259,12 +283,43 @@ class FinalNorm(nn.LayerNorm):
     """The only affine LayerNorm (weight and bias), before the tied head."""
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Per-token cross entropy that keeps one fp32 [N, V] tensor, the softmax, and turns it into the gradient in
+    place. F.cross_entropy keeps the log-probabilities and zero-fills a second [N, V] for the gradient: at a
+    vocabulary of 50k that is gigabytes on a GPU, and on a CPU a DRAM pass per micro-batch."""
+
+    @staticmethod
+    def forward(ctx, logits, labels):  # [N, V], [N] -> [N]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        # log-sum-exp from the likeliest token, whose probability (>= 1/V) cannot underflow as the label's can
+        lse = logits.amax(-1, keepdim=True).float() - probs.amax(-1, keepdim=True).log()
+        ctx.save_for_backward(probs, labels)
+        ctx.dtype, ctx.done = logits.dtype, False
+        return (lse - logits.gather(-1, labels.unsqueeze(-1)).float()).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.done:
+            raise RuntimeError("cross entropy backward ran twice: its saved softmax became the first gradient")
+        ctx.done = True
+        probs, labels = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        probs.mul_(g).scatter_add_(-1, labels.unsqueeze(-1), -g)  # softmax - one_hot(label), times the upstream
+        return probs.to(ctx.dtype), None
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token loss in fp32: [..., V], [...] -> [...]."""
+    return _SoftmaxCrossEntropy.apply(logits.flatten(0, -2), labels.flatten()).view(labels.shape)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor | None = None,
+            token_losses=cross_entropy) -> torch.Tensor:
     """Mean next-token cross entropy over unmasked positions (fp32)."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+    losses = token_losses(logits, labels)
     if loss_mask is None:
         return losses.mean()
-    mask = loss_mask.flatten().float()
+    mask = loss_mask.float()
     return (losses * mask).sum() / mask.sum().clamp_min(1.0)
 
 

@@ -27,7 +27,7 @@ from megatron.core.tensor_parallel import (
 )
 from torch.distributed.nn.functional import all_reduce as autograd_all_reduce
 
-from ..model import Attention, Block, Embedding, Pattention, TokenFormer
+from ..model import Attention, Block, Embedding, Pattention, TokenFormer, lm_loss
 
 
 def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -167,12 +167,8 @@ def shard_embedding(embed: Embedding, group) -> None:
 
 
 def vocab_parallel_lm_loss(logits, labels, loss_mask=None):
-    """Cross entropy over vocabulary-sliced logits [B, T, V/TP] without gathering them."""
-    losses = vocab_parallel_cross_entropy(logits.float(), labels)  # [B, T]
-    if loss_mask is None:
-        return losses.mean()
-    mask = loss_mask.float()
-    return (losses * mask).sum() / mask.sum().clamp_min(1.0)
+    """lm_loss over vocabulary-sliced logits [B, T, V/TP], without gathering them."""
+    return lm_loss(logits, labels, loss_mask, lambda lg, lb: vocab_parallel_cross_entropy(lg.float(), lb))
 
 
 def apply_tensor_parallel(module: nn.Module, group) -> None:
