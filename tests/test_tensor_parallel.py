@@ -1,4 +1,6 @@
 """Tensor-parallel Pattention and TokenFormer equal the unsharded model (gloo, several processes)."""
+import warnings
+
 import pytest
 import torch
 
@@ -66,3 +68,30 @@ def test_tp_equals_single_process(tp, kw):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _count_step_bytes(cfg: ModelConfig, tp: int):
+    import torch.distributed as dist
+    from tokenformer_mp.bench.comm import count_collectives
+    from tokenformer_mp.parallel.build import build_model
+    group = _setup(tp)
+    model = build_model(cfg, 3, group)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    with count_collectives() as counts:
+        model(tokens, tokens).backward()
+    with count_collectives() as deprecated, warnings.catch_warnings():  # DeepSpeed still calls the old names
+        warnings.simplefilter("ignore", FutureWarning)
+        dist.all_gather_into_tensor(torch.empty(2 * 10), torch.ones(10), group=group)
+    ranks = tuple(dist.get_process_group_ranks(group))
+    dist.destroy_process_group()
+    return {op: v for (op, r), v in counts.items() if r == ranks}, dict(deprecated)
+
+
+def test_counted_tp_bytes_equal_the_analytic_count():
+    """The benchmark's byte counter (every torch.distributed collective wrapped; DeepSpeed's deprecated names, which
+    call their successors inside torch, counted once) against tp_bytes_per_step: 32 tokens, two layers, hidden 64."""
+    from tokenformer_mp.parallel.tensor_parallel import tp_bytes_per_step
+    counts, deprecated = run_ranks(2, _count_step_bytes, _cfg(), 2)[0]
+    assert sum(counts.values()) == tp_bytes_per_step(2, 64, 32, 1, 2)
+    assert {"all_gather_single", "reduce_scatter_single", "all_reduce"} == set(counts)
+    assert deprecated == {("all_gather_into_tensor", (0, 1)): 2 * 10 * 4}

@@ -10,15 +10,15 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-_OPS = ("all_reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather", "broadcast", "send", "recv",
-        "isend", "irecv", "reduce_scatter", "batch_isend_irecv")
+_OPS = ("all_reduce", "reduce_scatter_single", "reduce_scatter_tensor", "all_gather_single", "all_gather_into_tensor",
+        "all_gather", "broadcast", "send", "recv", "isend", "irecv", "reduce_scatter", "batch_isend_irecv")
 
 
 def _size(op: str, args, kwargs) -> int:
     """Bytes of the full (unsharded) tensor of the collective: what the analytic count in the README counts."""
-    if op == "reduce_scatter_tensor":
+    if op in ("reduce_scatter_single", "reduce_scatter_tensor"):
         t = kwargs.get("input", args[1] if len(args) > 1 else None)
-    elif op == "all_gather_into_tensor":
+    elif op in ("all_gather_single", "all_gather_into_tensor"):
         t = kwargs.get("output_tensor", args[0] if args else None)
     elif op in ("all_gather", "reduce_scatter"):
         lst = args[0] if args else None

@@ -78,10 +78,13 @@ def build_pipeline(cfg: ModelConfig, seed: int, tp_group, topology, activation_c
               TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, forward_fn=_head, tied_weight_attr="weight")]
     tp = topology.get_dim("model")
     loss_fn = vocab_parallel_lm_loss if tp > 1 else lm_loss
-    return PipelineModule(
-        layers=specs, loss_fn=partial(_pipe_loss, loss_fn), topology=topology, partition_method="parameters",
-        activation_checkpoint_interval=1 if activation_checkpointing else 0,
-        activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
+    # no_grad: PipelineModule broadcasts the tied embedding in place, which grad mode would record on the parameter
+    # (torch then warns at every backward that c10d::broadcast_ has no autograd kernel)
+    with torch.no_grad():
+        return PipelineModule(
+            layers=specs, loss_fn=partial(_pipe_loss, loss_fn), topology=topology, partition_method="parameters",
+            activation_checkpoint_interval=1 if activation_checkpointing else 0,
+            activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
 
 
 def canonical_name(pipe_name: str, num_layers: int) -> str:

@@ -25,7 +25,6 @@ from megatron.core.tensor_parallel import (
     reduce_from_tensor_model_parallel_region,
     vocab_parallel_cross_entropy,
 )
-from torch.distributed.nn.functional import all_reduce as autograd_all_reduce
 
 from ..model import Attention, Block, Embedding, Pattention, TokenFormer, lm_loss
 
@@ -43,7 +42,7 @@ def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
 def _all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)  # flat: gloo wants dim 0 = world * input
-    dist.all_gather_into_tensor(out, x.contiguous().view(-1), group=group)
+    dist.all_gather_single(out, x.contiguous().view(-1), group=group)
     return torch.cat(out.view((world,) + tuple(x.shape)).unbind(0), dim=-1)
 
 
@@ -51,7 +50,7 @@ def _reduce_scatter_last(x: torch.Tensor, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     chunks = torch.stack(x.chunk(world, dim=-1), dim=0)  # [world, ..., d/world]
     out = torch.empty(chunks[0].numel(), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, chunks.view(-1), group=group)
+    dist.reduce_scatter_single(out, chunks.view(-1), group=group)
     return out.view(chunks.shape[1:])
 
 
@@ -89,9 +88,25 @@ def reduce_scatter_last_dim(x, group):
     return _ReduceScatterLastDim.apply(x, group)
 
 
+class _SumOverShards(torch.autograd.Function):
+    """All-reduce a per-row statistic; its gradient is all-reduced too (every shard's scores depend on the sum)."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
 def sum_over_shards(t: torch.Tensor, group) -> torch.Tensor:
-    """All-reduce a per-row statistic; its gradient is all-reduced too (every shard's scores depend on it)."""
-    return autograd_all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return _SumOverShards.apply(t, group)
 
 
 def max_over_shards(t: torch.Tensor, group) -> torch.Tensor:
