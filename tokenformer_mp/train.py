@@ -318,7 +318,8 @@ class Trainer:
             signal.signal(sig, self._on_signal)
         self.maybe_resume()
         from .flops import measure_matmul_flops
-        peak = measure_matmul_flops(self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32))
+        peak = self.peak_flops = measure_matmul_flops(
+            self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32))
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 30.0)  # log files (Slurm) get the log lines, not redraws
         last, skipped_before, first_step = {}, 0, self.step

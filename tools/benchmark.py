@@ -95,7 +95,7 @@ def bench_reshard():
 
 SECTIONS = {"pattention": (bench_pattention, ["shape", "pattention_ms", "mlp_ms", "ratio"]),
             "pattention_parts": (bench_pattention_parts, ["variant", "ms", "ratio"]),
-            "mfu": (bench_mfu, ["model", "step_time_s", "tokens_per_s", "mfu"]),
+            "mfu": (bench_mfu, ["model", "step_time_s", "tokens_per_s", "matmul_peak_flops", "mfu"]),
             "layouts": (bench_layouts, ["name", "world", "step_time_s", "tokens_per_s", "tp_bytes_per_step",
                                         "tp_bytes_analytic", "tp_bytes_match", "all_bytes_per_step_rank0"]),
             "preprocess": (bench_preprocess, None),
@@ -119,8 +119,8 @@ def main(argv=None) -> int:
         print(f"\n## {name}\n" + table(rows, cols or [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]),
               flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    from tokenformer_mp.checkpoint import write_atomic
+    write_atomic(args.out, json.dumps(results, indent=1))
     print(f"\nwrote {args.out}")
     return 0
 

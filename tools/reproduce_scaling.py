@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         summary[name]["loss_before_growth"] = h_small[-1]["loss"]
         summary[name]["loss_first_step_after"] = first_after["loss"]
         summary[name]["val_before_growth"] = pre
-    json.dump({"summary": summary, "args": vars(args), "runs": results}, open(f"{out}/results.json", "w"), indent=1)
+    from tokenformer_mp.checkpoint import write_atomic
+    write_atomic(f"{out}/results.json", json.dumps({"summary": summary, "args": vars(args), "runs": results}, indent=1))
 
     plot(results, args.steps_small, f_small, small, args.factor, out)
     print(json.dumps(summary, indent=1))

@@ -27,7 +27,7 @@ def _rank_run(config: str, overrides: dict, count_comm: bool) -> dict:
     tp_bytes = sum(v for (op, ranks), v in counts.items() if ranks == tp_ranks and len(ranks) > 1)
     out = {"history": trainer.history, "tp_bytes": tp_bytes, "all_bytes": sum(counts.values()),
            "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
-           "flops_per_token": trainer.flops_per_token}
+           "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak_flops}
     dist.barrier()
     dist.destroy_process_group()
     ps.destroy_model_parallel()
@@ -49,6 +49,6 @@ def measure(config: str, overrides: dict, world: int = 1, warmup: int = 2) -> di
     return {"layout": f"tp{p.tp} pp{p.pp} dp{world // (p.tp * p.pp)}", "world": world,
             "step_time_s": statistics.median(h["step_time_s"] for h in hist),
             "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist),
-            "mfu": statistics.median(h["mfu"] for h in hist),
+            "mfu": statistics.median(h["mfu"] for h in hist), "matmul_peak_flops": results[0]["peak_flops"],
             "tp_bytes_per_step": measured, "tp_bytes_analytic": analytic,
             "all_bytes_per_step_rank0": results[0]["all_bytes"] / steps}
