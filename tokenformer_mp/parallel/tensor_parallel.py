@@ -88,25 +88,10 @@ def reduce_scatter_last_dim(x, group):
     return _ReduceScatterLastDim.apply(x, group)
 
 
-class _SumOverShards(torch.autograd.Function):
-    """All-reduce a per-row statistic; its gradient is all-reduced too (every shard's scores depend on the sum)."""
-
-    @staticmethod
-    def forward(ctx, t, group):
-        ctx.group = group
-        t = t.clone()
-        dist.all_reduce(t, group=group)
-        return t
-
-    @staticmethod
-    def backward(ctx, g):
-        g = g.clone()
-        dist.all_reduce(g, group=ctx.group)
-        return g, None
-
-
 def sum_over_shards(t: torch.Tensor, group) -> torch.Tensor:
-    return _SumOverShards.apply(t, group)
+    """All-reduce a per-row statistic; its gradient is all-reduced too (every shard's scores depend on the sum):
+    megatron's copy region (backward all-reduce) feeding its reduce region (forward all-reduce)."""
+    return reduce_from_tensor_model_parallel_region(copy_to_tensor_model_parallel_region(t, group=group), group=group)
 
 
 def max_over_shards(t: torch.Tensor, group) -> torch.Tensor:
