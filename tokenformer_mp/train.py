@@ -243,13 +243,13 @@ class Trainer:
         if self.layout.pp > 1:
             loss = self.engine.train_batch(data_iter=iter(batches)).item()
         else:
-            total = 0.0
+            total = None  # summed on the device: one host sync per step, not one per micro-batch
             for tokens, (labels, mask) in batches:
                 out = self.engine(tokens, labels, mask)
-                total += out.item()
+                total = out.detach().double() if total is None else total + out.detach().double()
                 self.engine.backward(out)
                 self.engine.step()
-            loss = self._dp_mean(total / self.cfg.train.grad_accum_steps)
+            loss = self._dp_mean(total.item() / self.cfg.train.grad_accum_steps)
         norm = self.engine.get_global_grad_norm()
         return loss, float(norm) if norm is not None else float("nan")
 
@@ -263,8 +263,8 @@ class Trainer:
             if self.layout.pp > 1:
                 losses.append(self.engine.eval_batch(data_iter=iter(self.valid_batches.micro_batches(i))).item())
             else:
-                ls = [self.engine(tok, lab, m).item() for tok, (lab, m) in self.valid_batches.micro_batches(i)]
-                losses.append(self._dp_mean(sum(ls) / len(ls)))
+                ls = [self.engine(tok, lab, m).double() for tok, (lab, m) in self.valid_batches.micro_batches(i)]
+                losses.append(self._dp_mean(torch.stack(ls).sum().item() / len(ls)))
         return sum(losses) / len(losses)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
