@@ -30,6 +30,7 @@ def test_structural_errors_name_the_key(overrides, message):
     ({"parallel.pp": 2, "parallel.zero_stage": 2}, "parallel.zero_stage"),
     ({"parallel.zero_stage": 0}, "parallel.zero_stage"),
     ({"train.min_lr": 1.0}, "train.min_lr"),
+    ({"train.fused_pattention": True, "model.norm": "softmax"}, "train.fused_pattention"),
 ])
 def test_meaning_errors_name_the_key(overrides, key):
     cfg = load_config("configs/tokenformer-150m.yaml", overrides)

@@ -65,6 +65,47 @@ def test_fused_l2_norm_gelu_gradcheck():
     assert torch.autograd.gradcheck(p, (x,))
 
 
+@pytest.mark.parametrize("sharded", [False, True])  # True: the split kernels around a (here one-shard) reduce
+def test_compiled_pattention_kernels_match_float64_formula(sharded):
+    torch.manual_seed(0)
+    p = Pattention(24, 40, 96)
+    p.fused = True
+    if sharded:
+        p.reduce_over_tokens = lambda t: t * 1.0
+    x = torch.randn(21, 24)
+    x[0] = 0.0  # an all-zero score row: zero out, no share in the tokens' gradients (the formula gives 0/0)
+    x64 = x[1:].double().requires_grad_()
+    K, V = p.key_tokens.detach().double().requires_grad_(), p.value_tokens.detach().double().requires_grad_()
+    expected = reference(x64, K, V, "l2_norm_gelu", 96)
+    expected.square().sum().backward()
+    xs = x.clone().requires_grad_()
+    out = p(xs)
+    out.square().sum().backward()
+    torch.testing.assert_close(out[1:].double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[0], torch.zeros(40))
+    torch.testing.assert_close(xs.grad[1:].double(), x64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(p.key_tokens.grad.double(), K.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(p.value_tokens.grad.double(), V.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_pattention_kernels_in_bf16_track_eager():
+    torch.manual_seed(0)
+    eager = Pattention(64, 48, 96).bfloat16()
+    fused = Pattention(64, 48, 96).bfloat16()
+    fused.load_state_dict(eager.state_dict())
+    fused.fused = True
+    x = torch.randn(3, 17, 64, dtype=torch.bfloat16)
+    got = []
+    for p in (eager, fused):
+        xs = x.clone().requires_grad_()
+        out = p(xs)
+        (out.float() * torch.linspace(-1, 1, 48)).sum().backward()
+        got.append([out, xs.grad, p.key_tokens.grad, p.value_tokens.grad])
+    for e, f in zip(*got):  # fused keeps fp32 between its steps, eager rounds to bf16 after each: 2^-8 apart
+        assert f.dtype == torch.bfloat16
+        assert ((f.float() - e.float()).norm() / e.float().norm()).item() < 1e-2
+
+
 def test_zero_score_row_is_zero_not_nan():
     p = Pattention(8, 4, 16)
     out = p(torch.zeros(2, 8))

@@ -36,6 +36,7 @@ LAYOUTS = {  # name: (world size, overrides); all with the same global batch as 
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
     "tp2_activation_checkpointing": (2, {"parallel.tp": 2, "train.activation_checkpointing": True}),
     "pp2_activation_checkpointing": (2, {"parallel.pp": 2, "train.activation_checkpointing": True}),
+    "tp2_fused_pattention": (2, {"parallel.tp": 2, "train.fused_pattention": True}),
 }
 
 

@@ -88,6 +88,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU; or fp32 / bf16 / fp16
     device: str = "auto"  # auto: cuda when available, else cpu
     activation_checkpointing: bool = False
+    # l2_norm_gelu's elementwise work in compiled kernels (tokenformer_mp.kernels): 5 memory passes over the scores
+    # instead of 15. Same maths; meant for GPUs (on a CPU eager is faster, README Benchmarks).
+    fused_pattention: bool = False
     log_interval: int = 1
     exit_after_steps: int = 0  # >0: save and exit after this many steps of this invocation (schedule unchanged)
     eval_interval: int = 50
@@ -259,6 +262,8 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
     need(m.hidden_size % m.num_heads == 0, "model.num_heads",
          f"{m.num_heads} heads do not divide hidden_size {m.hidden_size}")
     need(m.norm in NORMS, "model.norm", f"{m.norm!r} is not one of {NORMS}")
+    need(not t.fused_pattention or m.norm == "l2_norm_gelu", "train.fused_pattention",
+         f"fused kernels exist for model.norm=l2_norm_gelu only, not {m.norm!r}")
     need(0.0 <= m.rotary_pct <= 1.0, "model.rotary_pct", "must be within [0, 1]")
     need(int(m.head_dim * m.rotary_pct) % 2 == 0, "model.rotary_pct",
          f"rotary dims {int(m.head_dim * m.rotary_pct)} of head_dim {m.head_dim} must be even")

@@ -26,36 +26,58 @@ def _identity(x):
 
 class _L2NormGeluScores(torch.autograd.Function):
     """gelu(tau * A / ||A||_2) with A = x @ K^T, normalised over the token axis; fused so the scores are scaled in
-    place and only (x, K, z, scale) are kept for backward.
+    place and only (x, K, z, scale) are kept for backward. `fused`: the elementwise work in compiled kernels
+    (tokenformer_mp.kernels), which keep the unscaled scores instead.
 
     `reduce` sums a per-row statistic over all parameter-token shards (identity when unsharded), in the forward
     (sum of squares) and in the backward (sum of dz * z): one float per row each way.
     """
 
     @staticmethod
-    def forward(ctx, x, keys, tau: float, reduce):
+    def forward(ctx, x, keys, tau: float, reduce, fused: bool):
         z = x @ keys.t()  # A: [..., n]
-        stat = torch.promote_types(z.dtype, torch.float32)  # row statistics in fp32 even under bf16
-        norm = reduce(torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=stat).square_()).sqrt_()
-        scale = tau / norm.clamp_min(NORM_EPS)  # [..., 1]
-        z.mul_(scale.to(z.dtype))
+        ctx.tau, ctx.reduce, ctx.fused = tau, reduce, fused
+        if fused and reduce is _identity:
+            out, scale, norm = _kernels().forward_local(z, tau, NORM_EPS)
+        else:
+            stat = torch.promote_types(z.dtype, torch.float32)  # row statistics in fp32 even under bf16
+            norm = reduce(torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=stat).square_()).sqrt_()
+            if fused:
+                out, scale = _kernels().scaled_gelu(z, norm, tau, NORM_EPS)
+            else:
+                scale = tau / norm.clamp_min(NORM_EPS)  # [..., 1]
+                out = F.gelu(z.mul_(scale.to(z.dtype)))
         ctx.save_for_backward(x, keys, z, scale, norm)
-        ctx.tau, ctx.reduce = tau, reduce
-        return F.gelu(z)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, keys, z, scale, norm = ctx.saved_tensors
-        dz = torch.ops.aten.gelu_backward(grad_out, z)
-        # d z_j / d A_i = s (delta_ij - z_i z_j / tau^2): the norm couples every token of a row.
-        dot = ctx.reduce(_row_dot(dz, z, norm.dtype))
-        coef = torch.where(norm > NORM_EPS, dot / ctx.tau**2, torch.zeros_like(dot))
-        da = dz.addcmul_(z, coef.to(z.dtype), value=-1.0)  # dL/dA / scale, in place
+        if ctx.fused and ctx.reduce is _identity:
+            da = _kernels().backward_local(grad_out, z, scale, norm, ctx.tau, NORM_EPS)
+        else:
+            # d z_j / d A_i = s (delta_ij - z_i z_j / tau^2): the norm couples every token of a row.
+            if ctx.fused:
+                dot = ctx.reduce(_kernels().row_dot(grad_out, z, scale))
+            else:
+                dz = torch.ops.aten.gelu_backward(grad_out, z)
+                dot = ctx.reduce(_row_dot(dz, z, norm.dtype))
+            coef = torch.where(norm > NORM_EPS, dot / ctx.tau**2, torch.zeros_like(dot))
+            if ctx.fused:
+                da = _kernels().corrected(grad_out, z, scale, coef)
+            else:
+                da = dz.addcmul_(z, coef.to(z.dtype), value=-1.0)  # dL/dA / scale, in place
         # The row scale goes onto the narrow side of each matmul ([.., d_in], not [.., n]): one pass fewer.
         s = scale.to(z.dtype)
         grad_x = (da @ keys).mul_(s) if ctx.needs_input_grad[0] else None
         grad_k = da.flatten(0, -2).t() @ (x * s).flatten(0, -2) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_k, None, None
+        return grad_x, grad_k, None, None, None
+
+
+def _kernels():
+    """tokenformer_mp.kernels, imported on first use: torch.compile costs start-up time that eager runs need not pay."""
+    from . import kernels as k
+    return k
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -71,10 +93,10 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def pattention_weights(x: torch.Tensor, keys: torch.Tensor, norm: str, tau: float, reduce=_identity,
-                       reduce_max=_identity) -> torch.Tensor:
+                       reduce_max=_identity, fused: bool = False) -> torch.Tensor:
     """Theta(x @ K^T): the attention weights over parameter tokens. x: [..., d_in], keys: [n, d_in] -> [..., n]."""
     if norm == "l2_norm_gelu":  # paper eq. 4 / 16, the default
-        return _L2NormGeluScores.apply(x, keys, tau, reduce)
+        return _L2NormGeluScores.apply(x, keys, tau, reduce, fused)
     scores = x @ keys.t()
     if norm == "gelu_l2_norm":
         g = F.gelu(scores)
@@ -106,6 +128,7 @@ class Pattention(nn.Module):
         self._tau = math.sqrt(self._scale)
         # Communication hooks, identity unless tokenformer_mp.parallel shards the token axis.
         self.enter, self.exit, self.reduce_over_tokens, self.max_over_tokens = _identity, _identity, _identity, _identity
+        self.fused = False  # compiled elementwise kernels for l2_norm_gelu (train.fused_pattention)
         if self.key_tokens.device.type != "meta":
             self.reset_parameters()
 
@@ -126,7 +149,7 @@ class Pattention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)
         weights = pattention_weights(x, self.key_tokens, self.norm, self.tau, self.reduce_over_tokens,
-                                     self.max_over_tokens)  # [..., n]
+                                     self.max_over_tokens, self.fused)  # [..., n]
         return self.exit(weights @ self.value_tokens)  # [..., out_features]
 
     @torch.no_grad()

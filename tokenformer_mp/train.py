@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
-from .model import flops_per_token
+from .model import Pattention, flops_per_token
 
 log = logging.getLogger("tokenformer_mp")
 
@@ -191,6 +191,9 @@ class Trainer:
             model = build_model(cfg.model, t.seed, groups.tp_group() if self.layout.tp > 1 else None)
             model.activation_checkpointing = t.activation_checkpointing
             mpu = groups.MPU
+        for sub in model.modules():
+            if isinstance(sub, Pattention):
+                sub.fused = t.fused_pattention
         # fused: one pass over the (ZeRO-flat) fp32 state instead of eight, on CPU and GPU alike
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                       eps=t.adam_eps, fused=True)
