@@ -28,8 +28,12 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 
 def bench_pattention():
+    import torch
     from tokenformer_mp.bench.pattention import SHAPES, compare
-    return [compare(*s) for s in SHAPES]
+    rows = [compare(*s) for s in SHAPES]
+    if torch.cuda.is_available():
+        rows += [compare(*s, device="cuda", dtype=torch.bfloat16) for s in SHAPES]
+    return rows
 
 
 def bench_pattention_parts():
@@ -45,8 +49,11 @@ def bench_mfu():
     runs = [("debug", "configs/debug.yaml", small), ("4x512", "configs/debug.yaml", wide)]
     import torch
     if torch.cuda.is_available():  # the paper's sizes, bf16 against the GPU's own measured bf16 matmul peak
-        gpu = {"train.steps": 10, "train.micro_batch_size": 8, "train.grad_accum_steps": 1}
-        runs += [(n, f"configs/tokenformer-{n}.yaml", gpu) for n in ("150m", "450m")]
+        # Without activation recomputation (MFU counts model FLOPs only); 8 x 2048 tokens fit an 80 GB GPU either way.
+        gpu = {"train.steps": 10, "train.micro_batch_size": 8, "train.grad_accum_steps": 1,
+               "train.activation_checkpointing": False}
+        runs += [(f"{n}{tag}", f"configs/tokenformer-{n}.yaml", {**gpu, "train.fused_pattention": fused})
+                 for n in ("150m", "450m") for tag, fused in (("", False), (" fused", True))]
     return [{"model": name, **measure(cfg, ov)} for name, cfg, ov in runs]
 
 
@@ -93,7 +100,8 @@ def bench_reshard():
                 ("tokenformer-150m.yaml", "tokenformer-1.5b.yaml")]
 
 
-SECTIONS = {"pattention": (bench_pattention, ["shape", "pattention_ms", "mlp_ms", "ratio"]),
+SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "pattention_ms", "fused_ms", "mlp_ms",
+                                              "ratio", "fused_ratio"]),
             "pattention_parts": (bench_pattention_parts, ["variant", "ms", "ratio"]),
             "mfu": (bench_mfu, ["model", "step_time_s", "tokens_per_s", "matmul_peak_flops", "mfu"]),
             "layouts": (bench_layouts, ["name", "world", "step_time_s", "tokens_per_s", "tp_bytes_per_step",
