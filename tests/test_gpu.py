@@ -16,12 +16,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
 
 
-def test_pattention_bf16_on_gpu_tracks_fp32_on_cpu():
+@pytest.mark.parametrize("fused", [False, True])  # True: the compiled kernels (Triton here)
+def test_pattention_bf16_on_gpu_tracks_fp32_on_cpu(fused):
     torch.manual_seed(0)
     ref = Pattention(256, 384, 1024)
     x = torch.randn(4, 128, 256, requires_grad=True)
     ref(x).square().mean().backward()
     gpu = copy.deepcopy(ref).cuda().bfloat16()
+    gpu.fused = fused
     gpu.zero_grad(set_to_none=True)
     xg = x.detach().cuda().bfloat16().requires_grad_()
     out = gpu(xg)
@@ -32,11 +34,12 @@ def test_pattention_bf16_on_gpu_tracks_fp32_on_cpu():
     assert _rel(gpu.value_tokens.grad, ref.value_tokens.grad) < 5e-2
 
 
-def test_debug_training_on_gpu_tracks_cpu(minipile, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_debug_training_on_gpu_tracks_cpu(minipile, tmp_path, fused):
     """Three steps on the GPU (bf16 via DeepSpeed, NCCL world of one) follow fp32 on the CPU within bf16 rounding."""
     cpu = run_ranks(1, train, debug_overrides(minipile, tmp_path / "cpu", **{"train.steps": 3}))[0]
-    gpu = run_ranks(1, train, debug_overrides(minipile, tmp_path / "gpu", **{"train.steps": 3,
-                                                                              "train.device": "cuda"}))[0]
+    gpu = run_ranks(1, train, debug_overrides(minipile, tmp_path / "gpu", **{"train.steps": 3, "train.device": "cuda",
+                                                                              "train.fused_pattention": fused}))[0]
     for g, c in zip(gpu, cpu):
         assert abs(g["loss"] - c["loss"]) <= 2e-2 * c["loss"], (g["step"], g["loss"], c["loss"])
         assert 0 < g["mfu"] < 1
