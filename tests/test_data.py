@@ -263,6 +263,16 @@ def test_preprocess_cli(tmp_path):
     assert len(IndexedDataset(str(tmp_path / "cli_text_document"))) == 30
 
 
+def test_preprocess_cli_bad_input_is_one_line_and_writes_nothing(bad_inputs, tmp_path):
+    plain, _, _ = bad_inputs
+    cmd = [sys.executable, "tools/preprocess_data.py", "--input", str(plain), "--output-prefix", str(tmp_path / "out"),
+           "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX, "--strict"]  # fmt: skip
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"error: {plain}:2: invalid JSON" in run.stderr
+    assert not list(tmp_path.glob("out*"))
+
+
 def test_train_tokenizer_cli(tmp_path):
     cmd = [sys.executable, "tools/train_tokenizer.py", "--input", TINY, "--model-prefix", str(tmp_path / "cli"),
            "--vocab-size", "400", "--max-sentences", "2000"]  # fmt: skip

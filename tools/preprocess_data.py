@@ -18,7 +18,7 @@ from tokenformer_mp.data.preprocess import preprocess  # noqa: E402
 from tokenformer_mp.tokenizer import TOKENIZER_TYPES  # noqa: E402
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns (quote them)")
     p.add_argument("--output-prefix", required=True)
@@ -34,17 +34,22 @@ def main() -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    s = preprocess(
-        a.input, a.output_prefix, a.tokenizer_type, a.tokenizer_model, json_keys=a.json_keys,
-        append_eod=a.append_eod, workers=a.workers, strict=a.strict, overwrite=a.overwrite,
-        batch_size=a.batch_size, max_docs=a.max_docs,
-    )  # fmt: skip
+    try:
+        s = preprocess(
+            a.input, a.output_prefix, a.tokenizer_type, a.tokenizer_model, json_keys=a.json_keys,
+            append_eod=a.append_eod, workers=a.workers, strict=a.strict, overwrite=a.overwrite,
+            batch_size=a.batch_size, max_docs=a.max_docs,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError) as e:  # bad input (BadLine is a ValueError): no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"{s['docs']} docs, {s['tokens']} tokens, {s['bad_lines']} bad lines, "
         f"{s['tokens'] / s['seconds']:,.0f} tokens/s ({s['bytes'] / 1e6 / s['seconds']:.1f} MB/s) "
         f"-> {', '.join(s['outputs'].values())}"
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from tokenformer_mp.data.train_tokenizer import train_tokenizer  # noqa: E402
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns (quote them)")
     p.add_argument("--model-prefix", required=True)
@@ -26,12 +26,17 @@ def main() -> None:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = train_tokenizer(
-        a.input, a.model_prefix, a.vocab_size, json_keys=a.json_keys, max_sentences=a.max_sentences,
-        character_coverage=a.character_coverage, threads=a.threads, overwrite=a.overwrite,
-    )  # fmt: skip
+    try:
+        path = train_tokenizer(
+            a.input, a.model_prefix, a.vocab_size, json_keys=a.json_keys, max_sentences=a.max_sentences,
+            character_coverage=a.character_coverage, threads=a.threads, overwrite=a.overwrite,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
