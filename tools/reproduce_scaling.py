@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot-only", action="store_true", help="redraw the plots from --out's results.json")
     args = ap.parse_args(argv)
     os.chdir(REPO)
-    from tokenformer_mp.config import load_config
+    from tokenformer_mp.config import ConfigError, load_config, validate
     from tokenformer_mp.model import flops_per_token
     from tokenformer_mp.reshard import ExpandPlan, reshard
 
@@ -90,6 +90,12 @@ def main(argv=None) -> int:
 
     total = args.steps_small + args.steps_grown
     cfg = load_config("configs/debug.yaml")
+    if not args.plot_only:
+        try:  # the sample data before four runs, not inside the first one
+            validate(cfg, check_paths=True)
+        except ConfigError as e:
+            print(f"error: {e} (tools/quickstart.sh makes the sample data)", file=sys.stderr)
+            return 2
     tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.model.seq_length
 
     def flops(t: dict) -> float:
@@ -97,6 +103,9 @@ def main(argv=None) -> int:
         return flops_per_token(m) * tokens_per_step
 
     if args.plot_only:
+        if not os.path.exists(f"{out}/results.json"):
+            print(f"error: --plot-only: no {out}/results.json (run without --plot-only first)", file=sys.stderr)
+            return 2
         saved = json.load(open(f"{out}/results.json"))
         a = saved["args"]
         small = dict(zip(("qkv", "proj", "ffn"), a["small_tokens"]))
