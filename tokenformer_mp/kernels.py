@@ -19,8 +19,10 @@ _gelu_backward = torch.ops.aten.gelu_backward
 _compile = torch.compile(fullgraph=True, dynamic=None)
 
 
-def _scale(norm: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
-    return tau / norm.clamp_min(eps)
+def _scaled(z: torch.Tensor, norm: torch.Tensor, tau: float, eps: float):
+    """(gelu(s z), s) with s = tau / ||z|| per row."""
+    scale = tau / norm.clamp_min(eps)
+    return F.gelu(z.float() * scale).to(z.dtype), scale
 
 
 def _dot(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -29,33 +31,43 @@ def _dot(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return (_gelu_backward(grad.float(), zs) * zs).sum(-1, keepdim=True)
 
 
-def _corrected(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+def _correct(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """dL/dA / scale = gelu'(s z) g - coef s z: the norm's Jacobian removes each row's radial part."""
     zs = z.float() * scale
     return (_gelu_backward(grad.float(), zs) - coef * zs).to(z.dtype)
 
 
+def _coef(dot: torch.Tensor, norm: torch.Tensor, tau: float, eps: float) -> torch.Tensor:
+    return torch.where(norm > eps, dot / tau**2, 0.0)  # an all-zero row (norm under eps) stays unscaled
+
+
 @_compile
-def forward_local(z: torch.Tensor, tau: float, eps: float):
-    """Unsharded: [..., n] -> gelu(tau z / ||z||), with the row scale and norm ([..., 1] fp32) for backward."""
+def _forward_local(z: torch.Tensor, tau: float, eps: float):
     norm = z.float().square().sum(-1, keepdim=True).sqrt()
-    scale = _scale(norm, tau, eps)
-    return F.gelu(z.float() * scale).to(z.dtype), scale, norm
+    return (*_scaled(z, norm, tau, eps), norm)
 
 
 @_compile
-def scaled_gelu(z: torch.Tensor, norm: torch.Tensor, tau: float, eps: float):
-    """Sharded: gelu(scale z) from the all-reduced norm."""
-    scale = _scale(norm, tau, eps)
-    return F.gelu(z.float() * scale).to(z.dtype), scale
+def _backward_local(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, norm: torch.Tensor, tau: float,
+                    eps: float) -> torch.Tensor:
+    return _correct(grad, z, scale, _coef(_dot(grad, z, scale), norm, tau, eps))
 
 
-@_compile
-def backward_local(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, norm: torch.Tensor, tau: float,
-                   eps: float) -> torch.Tensor:
-    coef = torch.where(norm > eps, _dot(grad, z, scale) / tau**2, 0.0)
-    return _corrected(grad, z, scale, coef)
+_scaled_kernel, _dot_kernel, _correct_kernel = _compile(_scaled), _compile(_dot), _compile(_correct)
 
 
-row_dot = _compile(_dot)  # sharded: this shard's part, all-reduced between the two kernels
-corrected = _compile(_corrected)
+def forward(z: torch.Tensor, tau: float, eps: float, reduce, sharded: bool):
+    """[..., n] scores -> (gelu(tau z / ||z||), scale, norm), the last two [..., 1] fp32. `reduce` sums a row
+    statistic over the shards of the token axis."""
+    if not sharded:
+        return _forward_local(z, tau, eps)
+    norm = reduce(torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=torch.float32).square_()).sqrt_()
+    return (*_scaled_kernel(z, norm, tau, eps), norm)
+
+
+def backward(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, norm: torch.Tensor, tau: float, eps: float,
+             reduce, sharded: bool) -> torch.Tensor:
+    """dL/dA / scale, from the gradient of the GELU's output and the unscaled scores."""
+    if not sharded:
+        return _backward_local(grad, z, scale, norm, tau, eps)
+    return _correct_kernel(grad, z, scale, _coef(reduce(_dot_kernel(grad, z, scale)), norm, tau, eps))

@@ -37,36 +37,28 @@ class _L2NormGeluScores(torch.autograd.Function):
     def forward(ctx, x, keys, tau: float, reduce, fused: bool):
         z = x @ keys.t()  # A: [..., n]
         ctx.tau, ctx.reduce, ctx.fused = tau, reduce, fused
-        if fused and reduce is _identity:
-            out, scale, norm = _kernels().forward_local(z, tau, NORM_EPS)
+        if fused:
+            out, scale, norm = _kernels().forward(z, tau, NORM_EPS, reduce, sharded=reduce is not _identity)
         else:
             stat = torch.promote_types(z.dtype, torch.float32)  # row statistics in fp32 even under bf16
             norm = reduce(torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=stat).square_()).sqrt_()
-            if fused:
-                out, scale = _kernels().scaled_gelu(z, norm, tau, NORM_EPS)
-            else:
-                scale = tau / norm.clamp_min(NORM_EPS)  # [..., 1]
-                out = F.gelu(z.mul_(scale.to(z.dtype)))
+            scale = tau / norm.clamp_min(NORM_EPS)  # [..., 1]
+            out = F.gelu(z.mul_(scale.to(z.dtype)))
         ctx.save_for_backward(x, keys, z, scale, norm)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, keys, z, scale, norm = ctx.saved_tensors
-        if ctx.fused and ctx.reduce is _identity:
-            da = _kernels().backward_local(grad_out, z, scale, norm, ctx.tau, NORM_EPS)
+        if ctx.fused:
+            da = _kernels().backward(grad_out, z, scale, norm, ctx.tau, NORM_EPS, ctx.reduce,
+                                     sharded=ctx.reduce is not _identity)
         else:
             # d z_j / d A_i = s (delta_ij - z_i z_j / tau^2): the norm couples every token of a row.
-            if ctx.fused:
-                dot = ctx.reduce(_kernels().row_dot(grad_out, z, scale))
-            else:
-                dz = torch.ops.aten.gelu_backward(grad_out, z)
-                dot = ctx.reduce(_row_dot(dz, z, norm.dtype))
+            dz = torch.ops.aten.gelu_backward(grad_out, z)
+            dot = ctx.reduce(_row_dot(dz, z, norm.dtype))
             coef = torch.where(norm > NORM_EPS, dot / ctx.tau**2, torch.zeros_like(dot))
-            if ctx.fused:
-                da = _kernels().corrected(grad_out, z, scale, coef)
-            else:
-                da = dz.addcmul_(z, coef.to(z.dtype), value=-1.0)  # dL/dA / scale, in place
+            da = dz.addcmul_(z, coef.to(z.dtype), value=-1.0)  # dL/dA / scale, in place
         # The row scale goes onto the narrow side of each matmul ([.., d_in], not [.., n]): one pass fewer.
         s = scale.to(z.dtype)
         grad_x = (da @ keys).mul_(s) if ctx.needs_input_grad[0] else None
