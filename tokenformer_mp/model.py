@@ -36,9 +36,9 @@ class _L2NormGeluScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keys, tau: float, reduce, fused: bool):
         z = x @ keys.t()  # A: [..., n]
-        ctx.tau, ctx.reduce, ctx.fused = tau, reduce, fused
+        ctx.tau, ctx.reduce, ctx.fused, ctx.sharded = tau, reduce, fused, reduce is not _identity
         if fused:
-            out, scale, norm = _kernels().forward(z, tau, NORM_EPS, reduce, sharded=reduce is not _identity)
+            out, scale, norm = _kernels().forward(z, tau, NORM_EPS, reduce, ctx.sharded)
         else:
             stat = torch.promote_types(z.dtype, torch.float32)  # row statistics in fp32 even under bf16
             norm = reduce(torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=stat).square_()).sqrt_()
@@ -51,8 +51,7 @@ class _L2NormGeluScores(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, keys, z, scale, norm = ctx.saved_tensors
         if ctx.fused:
-            da = _kernels().backward(grad_out, z, scale, norm, ctx.tau, NORM_EPS, ctx.reduce,
-                                     sharded=ctx.reduce is not _identity)
+            da = _kernels().backward(grad_out, z, scale, norm, ctx.tau, NORM_EPS, ctx.reduce, ctx.sharded)
         else:
             # d z_j / d A_i = s (delta_ij - z_i z_j / tau^2): the norm couples every token of a row.
             dz = torch.ops.aten.gelu_backward(grad_out, z)
