@@ -31,6 +31,7 @@ def test_structural_errors_name_the_key(overrides, message):
     ({"parallel.zero_stage": 0}, "parallel.zero_stage"),
     ({"train.min_lr": 1.0}, "train.min_lr"),
     ({"train.fused_pattention": True, "model.norm": "softmax"}, "train.fused_pattention"),
+    ({"parallel.tp": 4, "parallel.sequence_parallel": True, "model.seq_length": 2046}, "parallel.sequence_parallel"),
 ])
 def test_meaning_errors_name_the_key(overrides, key):
     cfg = load_config("configs/tokenformer-150m.yaml", overrides)

@@ -16,13 +16,13 @@ def _setup(tp):
     return groups.tp_group()
 
 
-def _model_step(cfg: ModelConfig, tp: int, seed: int):
+def _model_step(cfg: ModelConfig, tp: int, seed: int, sequence_parallel: bool = False):
     """Loss, logits (gathered) and full gradients of one forward/backward on a fixed batch."""
     import torch.distributed as dist
     from tokenformer_mp.parallel.build import build_model
     torch.manual_seed(0)
     group = _setup(tp) if tp > 1 else None
-    model = build_model(cfg, seed, group)
+    model = build_model(cfg, seed, group, sequence_parallel)
     g = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
     labels = torch.randint(0, cfg.vocab_size, (2, 16), generator=g)
@@ -52,16 +52,18 @@ def _cfg(**kw):
     return ModelConfig(**base)
 
 
-@pytest.mark.parametrize("tp,kw", [
-    (2, {}),
-    (4, {"qkv_tokens": 30, "proj_tokens": 33, "ffn_tokens": 127}),  # token counts TP does not divide
-    (2, {"norm": "gelu_l2_norm"}),
-    (2, {"norm": "softmax"}),
+@pytest.mark.parametrize("tp,kw,sp", [
+    (2, {}, False),
+    (4, {"qkv_tokens": 30, "proj_tokens": 33, "ffn_tokens": 127}, False),  # token counts TP does not divide
+    (2, {"norm": "gelu_l2_norm"}, False),
+    (2, {"norm": "softmax"}, False),
+    (2, {}, True),  # sequence parallel
+    (4, {"qkv_tokens": 30, "proj_tokens": 33, "ffn_tokens": 127}, True),
 ])
-def test_tp_equals_single_process(tp, kw):
+def test_tp_equals_single_process(tp, kw, sp):
     cfg = _cfg(**kw)
     ref_loss, ref_logits, ref_grads, ref_w = _model_step(cfg, 1, seed=11)
-    loss, logits, grads, w = run_ranks(tp, _model_step, cfg, tp, 11)[0]
+    loss, logits, grads, w = run_ranks(tp, _model_step, cfg, tp, 11, sp)[0]
     for name in ref_w:  # layout-invariant initialisation: the same global weights, bit for bit
         assert torch.equal(w[name], ref_w[name]), name
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
@@ -70,12 +72,12 @@ def test_tp_equals_single_process(tp, kw):
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _count_step_bytes(cfg: ModelConfig, tp: int):
+def _count_step_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool):
     import torch.distributed as dist
     from tokenformer_mp.bench.comm import count_collectives
     from tokenformer_mp.parallel.build import build_model
     group = _setup(tp)
-    model = build_model(cfg, 3, group)
+    model = build_model(cfg, 3, group, sequence_parallel)
     tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
     with count_collectives() as counts:
         model(tokens, tokens).backward()
@@ -87,11 +89,13 @@ def _count_step_bytes(cfg: ModelConfig, tp: int):
     return {op: v for (op, r), v in counts.items() if r == ranks}, dict(deprecated)
 
 
-def test_counted_tp_bytes_equal_the_analytic_count():
+@pytest.mark.parametrize("sp", [False, True])
+def test_counted_tp_bytes_equal_the_analytic_count(sp):
     """The benchmark's byte counter (every torch.distributed collective wrapped; DeepSpeed's deprecated names, which
     call their successors inside torch, counted once) against tp_bytes_per_step: 32 tokens, two layers, hidden 64."""
     from tokenformer_mp.parallel.tensor_parallel import tp_bytes_per_step
-    counts, deprecated = run_ranks(2, _count_step_bytes, _cfg(), 2)[0]
-    assert sum(counts.values()) == tp_bytes_per_step(2, 64, 32, 1, 2)
+    counts, deprecated = run_ranks(2, _count_step_bytes, _cfg(), 2, sp)[0]
+    assert sum(counts.values()) == tp_bytes_per_step(2, 64, 32, 1, 2, sequence_parallel=sp)
     assert {"all_gather_single", "reduce_scatter_single", "all_reduce"} == set(counts)
     assert deprecated == {("all_gather_into_tensor", (0, 1)): 2 * 10 * 4}
+

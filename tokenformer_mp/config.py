@@ -102,6 +102,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1  # data parallel takes the rest of the world
     zero_stage: int = 1
+    # Megatron's sequence parallelism: activations between Pattentions split along the sequence over the TP group
+    # (layer norms, residuals and layer inputs TP times smaller, same bytes on the wire). No effect at tp 1.
+    sequence_parallel: bool = False
 
 
 @dataclass
@@ -292,6 +295,8 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
          "ZeRO-2 is refused by DeepSpeed's pipeline engine: use zero_stage 1 with parallel.pp > 1")
     need(p.pp <= m.num_layers, "parallel.pp", f"{p.pp} stages for {m.num_layers} layers")
     need(m.num_heads % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.num_heads={m.num_heads}")
+    need(not p.sequence_parallel or m.seq_length % p.tp == 0, "parallel.sequence_parallel",
+         f"tp={p.tp} does not divide model.seq_length={m.seq_length}: the sequence is split over the TP ranks")
     if m.vocab_size is not None:
         need(m.vocab_size % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.vocab_size={m.vocab_size}")
     if world_size is not None:

@@ -243,8 +243,8 @@ class Attention(nn.Module):
         return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.enter(x)  # under sequence parallelism this gathers the sequence: T is the whole sequence after it
         B, T, _ = x.shape
-        x = self.enter(x)
         # [B, T, heads * hd] -> [B, heads, T, hd]; under TP "heads" are this rank's heads.
         q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.query, self.key, self.value))
         if self.rotary_dim:
@@ -295,6 +295,13 @@ class Embedding(nn.Module):
 
 class FinalNorm(nn.LayerNorm):
     """The only affine LayerNorm (weight and bias), before the tied head."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.enter = _identity  # sequence parallelism gathers the sequence here, so every TP rank sees all of it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.enter(x))
 
 
 class _SoftmaxCrossEntropy(torch.autograd.Function):

@@ -47,6 +47,10 @@ def deepspeed_config(cfg: Config, dp: int, precision: str) -> dict:
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # Between stages DeepSpeed sends each TP rank 1/TP of an activation it assumes the same on all of them, and
+        # gathers it back; under sequence parallelism every rank holds its own slice already, which that would mix.
+        "pipeline": {"pipe_partitioned": not cfg.parallel.sequence_parallel,
+                     "grad_partitioned": not cfg.parallel.sequence_parallel},
     }
 
 
@@ -185,10 +189,12 @@ class Trainer:
         if self.layout.pp > 1:
             from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
             topo = PipeModelDataParallelTopology(num_pp=self.layout.pp, num_mp=self.layout.tp, num_dp=self.layout.dp)
-            model = build_pipeline(cfg.model, t.seed, groups.tp_group(), topo, t.activation_checkpointing)
+            model = build_pipeline(cfg.model, t.seed, groups.tp_group(), topo, t.activation_checkpointing,
+                                   cfg.parallel.sequence_parallel)
             mpu = None  # DeepSpeed builds its own grid from the topology (same rank layout, asserted in groups)
         else:
-            model = build_model(cfg.model, t.seed, groups.tp_group() if self.layout.tp > 1 else None)
+            model = build_model(cfg.model, t.seed, groups.tp_group() if self.layout.tp > 1 else None,
+                                cfg.parallel.sequence_parallel)
             model.activation_checkpointing = t.activation_checkpointing
             mpu = groups.MPU
         for sub in model.modules():

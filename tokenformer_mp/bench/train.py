@@ -45,8 +45,9 @@ def measure(config: str, overrides: dict, world: int = 1, warmup: int = 2) -> di
     m, t, p = cfg.model, cfg.train, cfg.parallel
     measured = sum(r["tp_bytes"] for r in results if r["tp_rank"] == 0 and r["dp_rank"] == 0) / steps
     analytic = tp_bytes_per_step(m.num_layers, m.hidden_size, t.micro_batch_size * m.seq_length,
-                                 t.grad_accum_steps, p.tp)
-    return {"layout": f"tp{p.tp} pp{p.pp} dp{world // (p.tp * p.pp)}", "world": world,
+                                 t.grad_accum_steps, p.tp, sequence_parallel=p.sequence_parallel)
+    sp = " sp" if p.sequence_parallel and p.tp > 1 else ""
+    return {"layout": f"tp{p.tp}{sp} pp{p.pp} dp{world // (p.tp * p.pp)}", "world": world,
             "step_time_s": statistics.median(h["step_time_s"] for h in hist),
             "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist),
             "mfu": statistics.median(h["mfu"] for h in hist), "matmul_peak_flops": results[0]["peak_flops"],

@@ -26,38 +26,39 @@ def _allocate(module: nn.Module, device="cpu") -> None:
                 sub._buffers[name] = torch.empty_like(b, device=device)
 
 
-def materialize(module: nn.Module, tp_group, seed: int, prefix: str = "") -> nn.Module:
-    apply_tensor_parallel(module, tp_group)
+def materialize(module: nn.Module, tp_group, seed: int, prefix: str = "", sequence_parallel: bool = False) -> nn.Module:
+    apply_tensor_parallel(module, tp_group, sequence_parallel)
     _allocate(module)
     init_weights(module, seed, prefix)
     return module
 
 
-def build_model(cfg: ModelConfig, seed: int, tp_group=None) -> TokenFormer:
+def build_model(cfg: ModelConfig, seed: int, tp_group=None, sequence_parallel: bool = False) -> TokenFormer:
     with torch.device("meta"):
         model = TokenFormer(cfg)
-    return materialize(model, tp_group, seed)
+    return materialize(model, tp_group, seed, sequence_parallel=sequence_parallel)
 
 
 # --- pipeline stages: the same modules, constructed by DeepSpeed's LayerSpecs -------------------------------------
 
 class EmbeddingPipe(Embedding):
-    def __init__(self, cfg: ModelConfig, seed: int, tp_group):
+    def __init__(self, cfg: ModelConfig, seed: int, tp_group, sequence_parallel: bool):
         with torch.device("meta"):
             super().__init__(cfg)
-        materialize(self, tp_group, seed, "embed")
+        materialize(self, tp_group, seed, "embed", sequence_parallel)
 
 
 class BlockPipe(Block):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, seed: int, tp_group):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, seed: int, tp_group, sequence_parallel: bool):
         with torch.device("meta"):
             super().__init__(cfg, layer_idx)
-        materialize(self, tp_group, seed, f"layers.{layer_idx}.")
+        materialize(self, tp_group, seed, f"layers.{layer_idx}.", sequence_parallel)
 
 
 class FinalNormPipe(FinalNorm):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, tp_group, sequence_parallel: bool):
         super().__init__(cfg.hidden_size, eps=cfg.layernorm_eps)
+        apply_tensor_parallel(self, tp_group, sequence_parallel)
 
 
 def _head(embed: Embedding, h: torch.Tensor) -> torch.Tensor:
@@ -69,13 +70,15 @@ def _pipe_loss(loss_fn, logits, labels):
     return loss_fn(logits, labels, loss_mask)
 
 
-def build_pipeline(cfg: ModelConfig, seed: int, tp_group, topology, activation_checkpointing: bool):
+def build_pipeline(cfg: ModelConfig, seed: int, tp_group, topology, activation_checkpointing: bool,
+                   sequence_parallel: bool = False):
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-    specs = [TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, tied_weight_attr="weight")]
-    specs += [LayerSpec(BlockPipe, cfg, i, seed, tp_group) for i in range(cfg.num_layers)]
-    specs += [LayerSpec(FinalNormPipe, cfg),
-              TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, forward_fn=_head, tied_weight_attr="weight")]
+    sp = sequence_parallel
+    specs = [TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, sp, tied_weight_attr="weight")]
+    specs += [LayerSpec(BlockPipe, cfg, i, seed, tp_group, sp) for i in range(cfg.num_layers)]
+    specs += [LayerSpec(FinalNormPipe, cfg, tp_group, sp),
+              TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, sp, forward_fn=_head, tied_weight_attr="weight")]
     tp = topology.get_dim("model")
     loss_fn = vocab_parallel_lm_loss if tp > 1 else lm_loss
     # no_grad: PipelineModule broadcasts the tied embedding in place, which grad mode would record on the parameter

@@ -11,6 +11,8 @@ Per block (forward):
   ffn               copy in, all-reduce [T, h] out
   + per Pattention one all-reduce of [T] floats (the norm), the same again in backward.
 The embedding is vocabulary-parallel (rows sliced) with megatron's vocab-parallel cross entropy.
+With sequence parallelism the activations between Pattentions are split along the sequence: copies become
+all-gathers and all-reduces reduce-scatters (SEQUENCE_PARALLEL below).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 
-from ..model import Attention, Block, Embedding, Pattention, TokenFormer, lm_loss
+from ..model import Attention, Block, Embedding, FinalNorm, Pattention, TokenFormer, lm_loss
 
 
 def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -37,55 +39,62 @@ def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
 
 
 # --- collectives, each a small autograd function with its backward twin -------------------------------------------
-# megatron-core has AG/RS over the last dim too, but allocates with torch.cuda.current_device(): these run anywhere.
+# megatron-core has AG/RS too (over dim 0, its [s, b, h] layout), but allocates with torch.cuda.current_device():
+# these run anywhere, over any dim of our [b, s, h] activations.
 
-def _all_gather_last(x: torch.Tensor, group) -> torch.Tensor:
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)  # flat: gloo wants dim 0 = world * input
     dist.all_gather_single(out, x.contiguous().view(-1), group=group)
-    return torch.cat(out.view((world,) + tuple(x.shape)).unbind(0), dim=-1)
+    return torch.cat(out.view((world,) + tuple(x.shape)).unbind(0), dim=dim)
 
 
-def _reduce_scatter_last(x: torch.Tensor, group) -> torch.Tensor:
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = dist.get_world_size(group)
-    chunks = torch.stack(x.chunk(world, dim=-1), dim=0)  # [world, ..., d/world]
+    chunks = torch.stack(x.chunk(world, dim=dim), dim=0)  # [world, ...] with `dim` divided by world
     out = torch.empty(chunks[0].numel(), dtype=x.dtype, device=x.device)
     dist.reduce_scatter_single(out, chunks.view(-1), group=group)
     return out.view(chunks.shape[1:])
 
 
-class _GatherLastDim(torch.autograd.Function):
-    """Forward all-gather along the last dim; backward reduce-scatter (each rank's consumer differs)."""
+def _own_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return x.chunk(dist.get_world_size(group), dim=dim)[dist.get_rank(group)].contiguous()
+
+
+class _Gather(torch.autograd.Function):
+    """Forward all-gather along `dim`. Backward reduce-scatter (each rank's consumer differs), or this rank's slice
+    when every rank's consumer computes the same gradient (`replicated_grad`)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_gather_last(x, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _reduce_scatter_last(g, ctx.group), None
-
-
-class _ReduceScatterLastDim(torch.autograd.Function):
-    """Forward reduce-scatter along the last dim; backward all-gather."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_last(x, group)
+    def forward(ctx, x, dim: int, group, replicated_grad: bool):
+        ctx.dim, ctx.group, ctx.replicated_grad = dim, group, replicated_grad
+        return _all_gather(x, dim, group)
 
     @staticmethod
     def backward(ctx, g):
-        return _all_gather_last(g, ctx.group), None
+        back = _own_slice if ctx.replicated_grad else _reduce_scatter
+        return back(g, ctx.dim, ctx.group), None, None, None
 
 
-def gather_last_dim(x, group):
-    return _GatherLastDim.apply(x, group)
+class _ReduceScatter(torch.autograd.Function):
+    """Forward reduce-scatter along `dim`; backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, dim: int, group):
+        ctx.dim, ctx.group = dim, group
+        return _reduce_scatter(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _all_gather(g, ctx.dim, ctx.group), None, None
 
 
-def reduce_scatter_last_dim(x, group):
-    return _ReduceScatterLastDim.apply(x, group)
+def gather(x, dim: int, group, replicated_grad: bool = False):
+    return _Gather.apply(x, dim, group, replicated_grad)
+
+
+def reduce_scatter(x, dim: int, group):
+    return _ReduceScatter.apply(x, dim, group)
 
 
 def sum_over_shards(t: torch.Tensor, group) -> torch.Tensor:
@@ -118,13 +127,24 @@ BLOCK_PLAN = {
 }
 
 
+# Sequence parallelism (Megatron's): the residual stream between Pattentions is split along the sequence, so the
+# layer norms and the residual adds work on [b, s / TP, h]. Every copy into the block becomes an all-gather of the
+# sequence and every all-reduce out of it a reduce-scatter onto it: the same bytes on the wire (an all-reduce is a
+# reduce-scatter plus an all-gather), activations between layers TP times smaller.
+SEQUENCE_PARALLEL = {"copy": "gather_seq", "reduce": "scatter_seq"}
+
+
 def _regions(group):
     return {
         "none": lambda x: x,
         "copy": partial(copy_to_tensor_model_parallel_region, group=group),
         "reduce": partial(reduce_from_tensor_model_parallel_region, group=group),
-        "gather_heads": partial(gather_last_dim, group=group),
-        "scatter_heads": partial(reduce_scatter_last_dim, group=group),
+        "gather_heads": partial(gather, dim=-1, group=group),
+        "scatter_heads": partial(reduce_scatter, dim=-1, group=group),
+        # sequence parallelism: activations outside the Pattentions are [b, s / TP, h]
+        "gather_seq": partial(gather, dim=1, group=group),
+        "scatter_seq": partial(reduce_scatter, dim=1, group=group),
+        "gather_seq_replicated": partial(gather, dim=1, group=group, replicated_grad=True),
     }
 
 
@@ -148,14 +168,14 @@ def shard_pattention(p: Pattention, style: TokenSharded, group) -> None:
     p.max_over_tokens = partial(max_over_shards, group=group)
 
 
-def shard_block(block: Block, group) -> None:
-    modules = dict(block.named_modules())
+def shard_block(block: Block, group, seq: dict) -> None:
+    modules, region = dict(block.named_modules()), lambda name: seq.get(name, name)
     for name, style in BLOCK_PLAN.items():
-        shard_pattention(modules[name], style, group)
-    block.attention.enter = _regions(group)["copy"]  # once for Q, K and V: one backward all-reduce, not three
+        shard_pattention(modules[name], TokenSharded(region(style.input), region(style.output)), group)
+    block.attention.enter = _regions(group)[region("copy")]  # once for Q, K and V: one backward collective, not three
 
 
-def shard_embedding(embed: Embedding, group) -> None:
+def shard_embedding(embed: Embedding, group, seq: dict) -> None:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     vocab = embed.weight.shape[0]
     assert vocab % world == 0, f"vocabulary {vocab} not divisible by tp={world}"  # validate() reports it first
@@ -163,7 +183,7 @@ def shard_embedding(embed: Embedding, group) -> None:
     embed.weight = _shard_rows(embed.weight, start, end)
     embed.vocab_start = start
     regions = _regions(group)
-    embed.enter, embed.exit = regions["copy"], regions["reduce"]
+    embed.enter, embed.exit = regions["copy"], regions[seq.get("reduce", "reduce")]
 
 
 def vocab_parallel_lm_loss(logits, labels, loss_mask=None):
@@ -171,34 +191,47 @@ def vocab_parallel_lm_loss(logits, labels, loss_mask=None):
     return lm_loss(logits, labels, loss_mask, lambda lg, lb: vocab_parallel_cross_entropy(lg.float(), lb))
 
 
-def apply_tensor_parallel(module: nn.Module, group) -> None:
+def apply_tensor_parallel(module: nn.Module, group, sequence_parallel: bool = False) -> None:
     """Shard every Block and Embedding inside `module` (a TokenFormer, or one pipeline stage's layer)."""
     if group is None or dist.get_world_size(group) == 1:
         return
+    seq = SEQUENCE_PARALLEL if sequence_parallel else {}
     for sub in list(module.modules()):
         if isinstance(sub, Block):
-            shard_block(sub, group)
+            shard_block(sub, group, seq)
         elif isinstance(sub, Embedding):
-            shard_embedding(sub, group)
+            shard_embedding(sub, group, seq)
+        elif isinstance(sub, FinalNorm) and sequence_parallel:
+            # The whole sequence before the affine norm: its weight then sees every position on every rank, so its
+            # gradient needs no reduction of its own. The head's copy region (backward all-reduce) makes that
+            # gradient the same on all ranks, hence the backward keeps this rank's slice instead of reduce-scattering.
+            sub.enter = _regions(group)["gather_seq_replicated"]
         elif isinstance(sub, TokenFormer):
             sub.loss_fn = vocab_parallel_lm_loss
 
 
 def tp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro_batches: int, tp: int,
-                      elem_bytes: int = 4) -> int:
+                      elem_bytes: int = 4, sequence_parallel: bool = False) -> int:
     """Analytic tensor-parallel traffic of one optimizer step, summed over all pipeline stages of one TP group, as
     full-tensor bytes per collective (the README's table). b = tokens per micro-batch, h = hidden:
       per layer  forward: 3 reduce-scatter [b,h] (Q,K,V) + all-gather [b,h] + 2 all-reduce [b,h] + 5 all-reduce [b]
                  backward: 2 all-reduce [b,h] (copies) + 3 all-gather [b,h] + reduce-scatter [b,h] + 5 all-reduce [b]
                  = 12 b h + 10 b
       embedding and head: all-reduce [b,h] forward, all-reduce [b,h] backward, 3 all-reduce [b] (vocab-parallel CE)
+    Sequence parallel, each all-reduce [b,h] of a layer becomes a reduce-scatter one way and an all-gather the other:
+      per layer  8 b h each way + 5 b each way = 16 b h + 10 b (in ring steps the same as 12 b h: see the README)
+      embedding and head: reduce-scatter + all-gather [b,h] (embedding), all-gather [b,h] forward before the final
+                 norm, all-reduce [b,h] backward after the head, 3 all-reduce [b] = 4 b h + 3 b
     """
     if tp == 1:
         return 0
     b, h = tokens_per_micro, hidden
-    per_micro = num_layers * (12 * b * h + 10 * b) + 2 * b * h + 3 * b
+    if sequence_parallel:
+        per_micro = num_layers * (16 * b * h + 10 * b) + 4 * b * h + 3 * b
+    else:
+        per_micro = num_layers * (12 * b * h + 10 * b) + 2 * b * h + 3 * b
     return per_micro * micro_batches * elem_bytes
 
 
-__all__ = ["apply_tensor_parallel", "shard_range", "gather_last_dim", "reduce_scatter_last_dim", "sum_over_shards",
+__all__ = ["apply_tensor_parallel", "shard_range", "gather", "reduce_scatter", "sum_over_shards",
            "vocab_parallel_lm_loss", "Attention"]
