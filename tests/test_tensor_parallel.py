@@ -99,3 +99,14 @@ def test_counted_tp_bytes_equal_the_analytic_count(sp):
     assert {"all_gather_single", "reduce_scatter_single", "all_reduce"} == set(counts)
     assert deprecated == {("all_gather_into_tensor", (0, 1)): 2 * 10 * 4}
 
+
+def test_sequence_parallel_splits_the_activations_between_layers():
+    """Checkpointed, a block keeps only its input: sequence parallelism halves exactly that at TP=2. Without
+    checkpointing the layer norms' inputs are split too, so less is kept either way."""
+    from tokenformer_mp.bench.memory import rank_activation_bytes
+    cfg, batch = _cfg(), 2
+    kept = {(sp, ckpt): run_ranks(2, rank_activation_bytes, cfg, 2, sp, batch, ckpt)[0]
+            for sp in (False, True) for ckpt in (False, True)}
+    block_inputs = cfg.num_layers * batch * cfg.seq_length * cfg.hidden_size * 4  # fp32 [b, s, h] per layer
+    assert kept[False, True] - kept[True, True] == block_inputs // 2
+    assert kept[True, False] < kept[False, False]

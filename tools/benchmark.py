@@ -41,11 +41,14 @@ def bench_pattention_parts():
     return breakdown(*SHAPES[-1])  # the narrow shape, where the overhead shows
 
 
+WIDE = {"num_layers": 4, "hidden_size": 512, "num_heads": 8, "qkv_tokens": 512, "proj_tokens": 512, "ffn_tokens": 2048,
+        "seq_length": 256}  # the 4-layer 512-wide model
+
+
 def bench_mfu():
     from tokenformer_mp.bench.train import measure
     small = {"train.steps": 8, "model.vocab_size": 4096}
-    wide = {**small, "model.num_layers": 4, "model.hidden_size": 512, "model.num_heads": 8, "model.qkv_tokens": 512,
-            "model.proj_tokens": 512, "model.ffn_tokens": 2048, "model.seq_length": 256, "train.micro_batch_size": 4}
+    wide = {**small, **{f"model.{k}": v for k, v in WIDE.items()}, "train.micro_batch_size": 4}
     runs = [("debug", "configs/debug.yaml", small), ("4x512", "configs/debug.yaml", wide)]
     import torch
     if torch.cuda.is_available():  # the paper's sizes, bf16 against the GPU's own measured bf16 matmul peak
@@ -59,7 +62,9 @@ def bench_mfu():
 
 LAYOUTS = [("tp1", 1, {}), ("tp2", 2, {"parallel.tp": 2}), ("tp4", 4, {"parallel.tp": 4}),
            ("pp2", 2, {"parallel.pp": 2}), ("dp2", 2, {"train.grad_accum_steps": 1}),
-           ("tp2xpp2", 4, {"parallel.tp": 2, "parallel.pp": 2})]
+           ("tp2xpp2", 4, {"parallel.tp": 2, "parallel.pp": 2}),
+           ("tp2 sp", 2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
+           ("tp2xpp2 sp", 4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True})]
 
 
 def bench_layouts():
@@ -71,6 +76,14 @@ def bench_layouts():
         r["tp_bytes_match"] = r["tp_bytes_per_step"] == r["tp_bytes_analytic"]
         rows.append({"name": name, **r})
     return rows
+
+
+def bench_activations():
+    """Saved activations per rank by TP degree and sequence parallelism: the 4-layer 512-wide config of `mfu`."""
+    from tokenformer_mp.bench.memory import measure
+    from tokenformer_mp.config import load_config
+    cfg = load_config("configs/debug.yaml", {"model.vocab_size": 4096, **{f"model.{k}": v for k, v in WIDE.items()}})
+    return measure(cfg.model, micro_batch=4)
 
 
 def bench_preprocess():
@@ -106,6 +119,7 @@ SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "patte
             "mfu": (bench_mfu, ["model", "step_time_s", "tokens_per_s", "matmul_peak_flops", "mfu"]),
             "layouts": (bench_layouts, ["name", "world", "step_time_s", "tokens_per_s", "tp_bytes_per_step",
                                         "tp_bytes_analytic", "tp_bytes_match", "all_bytes_per_step_rank0"]),
+            "activations": (bench_activations, ["layout", "activation_checkpointing", "activation_mb", "vs_tp1"]),
             "preprocess": (bench_preprocess, None),
             "reshard": (bench_reshard, ["config", "checkpoint_gb", "largest_tensor_mb", "seconds", "peak_rss_gb",
                                         "limit_gb", "within_limit"])}

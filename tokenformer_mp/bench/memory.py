@@ -1,0 +1,61 @@
+"""Activation memory per rank: the bytes autograd keeps for backward after one micro-batch's forward, by layout."""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..parallel.local import run_ranks
+
+
+def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> int:
+    """Every tensor autograd saves during one forward, each storage once, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()  # kept alive until backward: no address is reused
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens, labels)
+    del loss
+    return sum(saved.values())
+
+
+def rank_activation_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool, micro_batch: int,
+                          checkpointing: bool) -> int:
+    """This rank's saved activations for one micro-batch of random tokens (called on each of tp ranks)."""
+    import torch.distributed as dist
+
+    from ..parallel import groups
+    from ..parallel.build import build_model
+    group = None
+    if tp > 1:
+        dist.init_process_group("gloo")
+        groups.initialize(tp, 1)
+        group = groups.tp_group()
+    model = build_model(cfg, 0, group, sequence_parallel)
+    model.activation_checkpointing = checkpointing  # then a block keeps only its input (torch.utils.checkpoint's)
+    tokens = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_length), generator=torch.Generator().manual_seed(0))
+    n = saved_activation_bytes(model, tokens, tokens)
+    if tp > 1:
+        dist.destroy_process_group()
+    return n
+
+
+def measure(cfg: ModelConfig, micro_batch: int, tps=(1, 2, 4)) -> list[dict]:
+    """Rank 0's saved activations for each TP degree, with and without sequence parallelism, with and without
+    activation checkpointing; and each as a fraction of TP=1's."""
+    rows = []
+    for checkpointing in (False, True):
+        base = None
+        for tp in tps:
+            for sp in ((False, True) if tp > 1 else (False,)):
+                args = (cfg, tp, sp, micro_batch, checkpointing)
+                n = run_ranks(tp, rank_activation_bytes, *args)[0] if tp > 1 else rank_activation_bytes(*args)
+                base = base or n
+                rows.append({"layout": f"tp{tp}{' sp' if sp else ''}", "activation_checkpointing": checkpointing,
+                             "activation_mb": n / 2**20, "vs_tp1": n / base})
+    return rows
