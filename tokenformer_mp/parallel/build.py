@@ -78,7 +78,8 @@ def build_pipeline(cfg: ModelConfig, seed: int, tp_group, topology, activation_c
     specs = [TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, sp, tied_weight_attr="weight")]
     specs += [LayerSpec(BlockPipe, cfg, i, seed, tp_group, sp) for i in range(cfg.num_layers)]
     specs += [LayerSpec(FinalNormPipe, cfg, tp_group, sp),
-              TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, sp, forward_fn=_head, tied_weight_attr="weight")]
+              TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, sp, forward_fn=_head,
+                            tied_weight_attr="weight")]
     tp = topology.get_dim("model")
     loss_fn = vocab_parallel_lm_loss if tp > 1 else lm_loss
     # no_grad: PipelineModule broadcasts the tied embedding in place, which grad mode would record on the parameter
