@@ -157,33 +157,32 @@ def _shard_rows(p: nn.Parameter, start: int, end: int) -> nn.Parameter:
     return new
 
 
-def shard_pattention(p: Pattention, style: TokenSharded, group) -> None:
+def shard_pattention(p: Pattention, style: TokenSharded, group, region) -> None:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     start, end = shard_range(p.num_tokens, world, rank)
     p.key_tokens = _shard_rows(p.key_tokens, start, end)
     p.value_tokens = _shard_rows(p.value_tokens, start, end)
-    regions = _regions(group)
-    p.enter, p.exit = regions[style.input], regions[style.output]
+    p.enter, p.exit = region(style.input), region(style.output)
     p.reduce_over_tokens = partial(sum_over_shards, group=group)
     p.max_over_tokens = partial(max_over_shards, group=group)
 
 
-def shard_block(block: Block, group, seq: dict) -> None:
-    modules, region = dict(block.named_modules()), lambda name: seq.get(name, name)
+def shard_block(block: Block, group, region) -> None:
+    modules = dict(block.named_modules())
     for name, style in BLOCK_PLAN.items():
-        shard_pattention(modules[name], TokenSharded(region(style.input), region(style.output)), group)
-    block.attention.enter = _regions(group)[region("copy")]  # once for Q, K and V: one backward collective, not three
+        shard_pattention(modules[name], style, group, region)
+    block.attention.enter = region("copy")  # once for Q, K and V: one backward collective, not three
 
 
-def shard_embedding(embed: Embedding, group, seq: dict) -> None:
+def shard_embedding(embed: Embedding, group, region) -> None:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     vocab = embed.weight.shape[0]
     assert vocab % world == 0, f"vocabulary {vocab} not divisible by tp={world}"  # validate() reports it first
     start, end = shard_range(vocab, world, rank)
     embed.weight = _shard_rows(embed.weight, start, end)
     embed.vocab_start = start
-    regions = _regions(group)
-    embed.enter, embed.exit = regions["copy"], regions[seq.get("reduce", "reduce")]
+    # The head's input is always the whole sequence (under sequence parallelism FinalNorm gathers it): a plain copy.
+    embed.enter, embed.exit = partial(copy_to_tensor_model_parallel_region, group=group), region("reduce")
 
 
 def vocab_parallel_lm_loss(logits, labels, loss_mask=None):
@@ -195,17 +194,21 @@ def apply_tensor_parallel(module: nn.Module, group, sequence_parallel: bool = Fa
     """Shard every Block and Embedding inside `module` (a TokenFormer, or one pipeline stage's layer)."""
     if group is None or dist.get_world_size(group) == 1:
         return
-    seq = SEQUENCE_PARALLEL if sequence_parallel else {}
+    regions, seq = _regions(group), SEQUENCE_PARALLEL if sequence_parallel else {}
+
+    def region(name: str):  # a plan's collective by name, as sequence parallelism (if on) translates it
+        return regions[seq.get(name, name)]
+
     for sub in list(module.modules()):
         if isinstance(sub, Block):
-            shard_block(sub, group, seq)
+            shard_block(sub, group, region)
         elif isinstance(sub, Embedding):
-            shard_embedding(sub, group, seq)
+            shard_embedding(sub, group, region)
         elif isinstance(sub, FinalNorm) and sequence_parallel:
             # The whole sequence before the affine norm: its weight then sees every position on every rank, so its
             # gradient needs no reduction of its own. The head's copy region (backward all-reduce) makes that
             # gradient the same on all ranks, hence the backward keeps this rank's slice instead of reduce-scattering.
-            sub.enter = _regions(group)["gather_seq_replicated"]
+            sub.enter = regions["gather_seq_replicated"]
         elif isinstance(sub, TokenFormer):
             sub.loss_fn = vocab_parallel_lm_loss
 
