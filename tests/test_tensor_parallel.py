@@ -102,11 +102,14 @@ def test_counted_tp_bytes_equal_the_analytic_count(sp):
 
 def test_sequence_parallel_splits_the_activations_between_layers():
     """Checkpointed, a block keeps only its input: sequence parallelism halves exactly that at TP=2. Without
-    checkpointing the layer norms' inputs are split too, so less is kept either way."""
+    checkpointing the layer norms' inputs are split too, and each block keeps the halves of its two gathered
+    inputs (attention's, the FFN's) instead of the whole: one [b, s, h] less per layer, to the byte."""
     from tokenformer_mp.bench.memory import rank_activation_bytes
     cfg, batch = _cfg(), 2
     kept = {(sp, ckpt): run_ranks(2, rank_activation_bytes, cfg, 2, sp, batch, ckpt)[0]
             for sp in (False, True) for ckpt in (False, True)}
+    kept_gathered = run_ranks(2, rank_activation_bytes, cfg, 2, True, batch, False, True)[0]
     block_inputs = cfg.num_layers * batch * cfg.seq_length * cfg.hidden_size * 4  # fp32 [b, s, h] per layer
     assert kept[False, True] - kept[True, True] == block_inputs // 2
-    assert kept[True, False] < kept[False, False]
+    assert kept_gathered - kept[True, False] == block_inputs
+    assert kept_gathered < kept[False, False]

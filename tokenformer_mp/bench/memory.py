@@ -7,8 +7,11 @@ from ..config import ModelConfig
 from ..parallel.local import run_ranks
 
 
-def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> int:
-    """Every tensor autograd saves during one forward, each storage once, parameters excluded."""
+def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor,
+                           keep_gathered: bool = False) -> int:
+    """Every tensor autograd saves during one forward, each storage once, parameters excluded. Sequence-parallel
+    blocks keep slices of what they gather and report those to this counter; `keep_gathered` makes them keep the
+    gathered inputs themselves (what they would without tensor_parallel.KeepGatheredAsSlices)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -17,6 +20,7 @@ def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor, labels:
         if storage.data_ptr() not in params:
             saved[storage.data_ptr()] = storage.nbytes()  # kept alive until backward: no address is reused
         return t
+    pack.observes_saved_tensors = not keep_gathered
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(tokens, labels)
@@ -25,7 +29,7 @@ def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor, labels:
 
 
 def rank_activation_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool, micro_batch: int,
-                          checkpointing: bool) -> int:
+                          checkpointing: bool, keep_gathered: bool = False) -> int:
     """This rank's saved activations for one micro-batch of random tokens (called on each of tp ranks)."""
     import torch.distributed as dist
 
@@ -39,7 +43,7 @@ def rank_activation_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool, mi
     model = build_model(cfg, 0, group, sequence_parallel)
     model.activation_checkpointing = checkpointing  # then a block keeps only its input (torch.utils.checkpoint's)
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_length), generator=torch.Generator().manual_seed(0))
-    n = saved_activation_bytes(model, tokens, tokens)
+    n = saved_activation_bytes(model, tokens, tokens, keep_gathered)
     if tp > 1:
         dist.destroy_process_group()
     return n

@@ -12,10 +12,12 @@ Per block (forward):
   + per Pattention one all-reduce of [T] floats (the norm), the same again in backward.
 The embedding is vocabulary-parallel (rows sliced) with megatron's vocab-parallel cross entropy.
 With sequence parallelism the activations between Pattentions are split along the sequence: copies become
-all-gathers and all-reduces reduce-scatters (SEQUENCE_PARALLEL below).
+all-gathers and all-reduces reduce-scatters (SEQUENCE_PARALLEL below), and a block keeps the slices it gathered
+rather than the gathered inputs, gathering them again in backward (KeepGatheredAsSlices).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
@@ -134,6 +136,72 @@ BLOCK_PLAN = {
 SEQUENCE_PARALLEL = {"copy": "gather_seq", "reduce": "scatter_seq"}
 
 
+class _Slice:
+    """One gathered input, kept as this rank's slice; gathered again, once for all its users, when backward needs it."""
+
+    def __init__(self, local: torch.Tensor, full: torch.Tensor, dim: int, group):
+        self.local, self.dim, self.group = local, dim, group
+        self.full = weakref.ref(full)  # alive while its storage can match: no reused address is mistaken for it
+        self.ptr, self.offset, self.dtype = full.untyped_storage().data_ptr(), full.storage_offset(), full.dtype
+        self.gathered = None
+
+    def holds(self, t: torch.Tensor) -> bool:  # t is the gathered input or a view of it
+        return self.full() is not None and t.dtype == self.dtype and t.untyped_storage().data_ptr() == self.ptr
+
+    def rebuild(self, size, stride, offset) -> torch.Tensor:
+        if self.gathered is None:  # the same layout as the forward's gather: a view maps onto it unchanged
+            self.gathered = _all_gather(self.local, self.dim, self.group)
+        return self.gathered.as_strided(size, stride, self.gathered.storage_offset() + offset)
+
+
+class KeepGatheredAsSlices:
+    """Sequence parallelism's memory, completed as Megatron does: the Pattentions of a block save their input for
+    backward, which is the gathered [b, s, h]; the block keeps this rank's [b, s / TP, h] slice instead and gathers
+    it again when backward first needs it (one more all-gather per gathered input, (TP - 1) / TP of it kept less).
+
+    Saved-tensor hooks around the block's forward swap the gathered tensors (and views of them) for their slices.
+    When other hooks already own what is saved (activation checkpointing, CPU offload) the block leaves them be:
+    checkpointed, it keeps nothing inside anyway. Hooks marked `observes_saved_tensors` (the activation-memory
+    benchmark) are told what is kept instead of being overridden."""
+
+    def __init__(self, block: nn.Module, group, dim: int = 1):
+        self.group, self.dim, self.slices, self.hooks, self.observer = group, dim, [], None, None
+        block.register_forward_pre_hook(self._enter)
+        block.register_forward_hook(self._exit, always_call=True)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:  # the block's gather_seq region
+        full = gather(x, self.dim, self.group)
+        if self.hooks is not None:
+            self.slices.append(_Slice(x.detach(), full, self.dim, self.group))
+        return full
+
+    def _enter(self, block, args):
+        outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # (pack, unpack) of enclosing hooks
+        observer = outer is not None and getattr(outer[0], "observes_saved_tensors", False)
+        if not torch.is_grad_enabled() or (outer is not None and not observer):
+            return
+        self.observer = outer[0] if outer is not None else None
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self.hooks.__enter__()
+
+    def _exit(self, block, args, out):
+        if self.hooks is not None:
+            self.hooks.__exit__()
+            self.hooks, self.slices, self.observer = None, [], None
+
+    def _pack(self, t: torch.Tensor):
+        kept = next((s for s in self.slices if s.holds(t)), None)
+        if self.observer is not None:
+            self.observer(t if kept is None else kept.local)
+        if kept is None:
+            return t.detach()  # not a reference to t itself: that could make a cycle through t's grad_fn
+        return kept, t.size(), t.stride(), t.storage_offset() - kept.offset
+
+    @staticmethod
+    def _unpack(packed):
+        return packed[0].rebuild(*packed[1:]) if isinstance(packed, tuple) else packed
+
+
 def _regions(group):
     return {
         "none": lambda x: x,
@@ -196,14 +264,17 @@ def apply_tensor_parallel(module: nn.Module, group, sequence_parallel: bool = Fa
         return
     regions, seq = _regions(group), SEQUENCE_PARALLEL if sequence_parallel else {}
 
-    def region(name: str):  # a plan's collective by name, as sequence parallelism (if on) translates it
-        return regions[seq.get(name, name)]
+    def resolver(table):  # a plan's collective by name, as sequence parallelism (if on) translates it
+        return lambda name: table[seq.get(name, name)]
 
     for sub in list(module.modules()):
         if isinstance(sub, Block):
-            shard_block(sub, group, region)
+            table = regions
+            if sequence_parallel:
+                table = {**regions, "gather_seq": KeepGatheredAsSlices(sub, group).gather}
+            shard_block(sub, group, resolver(table))
         elif isinstance(sub, Embedding):
-            shard_embedding(sub, group, region)
+            shard_embedding(sub, group, resolver(regions))
         elif isinstance(sub, FinalNorm) and sequence_parallel:
             # The whole sequence before the affine norm: its weight then sees every position on every rank, so its
             # gradient needs no reduction of its own. The head's copy region (backward all-reduce) makes that
@@ -221,8 +292,9 @@ def tp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro
                  backward: 2 all-reduce [b,h] (copies) + 3 all-gather [b,h] + reduce-scatter [b,h] + 5 all-reduce [b]
                  = 12 b h + 10 b
       embedding and head: all-reduce [b,h] forward, all-reduce [b,h] backward, 3 all-reduce [b] (vocab-parallel CE)
-    Sequence parallel, each all-reduce [b,h] of a layer becomes a reduce-scatter one way and an all-gather the other:
-      per layer  8 b h each way + 5 b each way = 16 b h + 10 b (in ring steps the same as 12 b h: see the README)
+    Sequence parallel, each all-reduce [b,h] of a layer becomes a reduce-scatter one way and an all-gather the other,
+    and backward gathers the two block inputs again (KeepGatheredAsSlices; not when activation checkpointing):
+      per layer  8 b h forward + 10 b h backward + 10 b = 18 b h + 10 b
       embedding and head: reduce-scatter + all-gather [b,h] (embedding), all-gather [b,h] forward before the final
                  norm, all-reduce [b,h] backward after the head, 3 all-reduce [b] = 4 b h + 3 b
     """
@@ -230,7 +302,7 @@ def tp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro
         return 0
     b, h = tokens_per_micro, hidden
     if sequence_parallel:
-        per_micro = num_layers * (16 * b * h + 10 * b) + 4 * b * h + 3 * b
+        per_micro = num_layers * (18 * b * h + 10 * b) + 4 * b * h + 3 * b
     else:
         per_micro = num_layers * (12 * b * h + 10 * b) + 2 * b * h + 3 * b
     return per_micro * micro_batches * elem_bytes
