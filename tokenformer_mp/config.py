@@ -102,7 +102,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1  # data parallel takes the rest of the world
     zero_stage: int = 1
-    # Megatron's sequence parallelism: activations between Pattentions split along the sequence over the TP group
+    # Megatron's sequence parallelism: activations between Pattentions split over the TP group
     # (layer norms, residuals and layer inputs TP times smaller, same bytes on the wire). No effect at tp 1.
     sequence_parallel: bool = False
 

@@ -11,7 +11,7 @@ Per block (forward):
   ffn               copy in, all-reduce [T, h] out
   + per Pattention one all-reduce of [T] floats (the norm), the same again in backward.
 The embedding is vocabulary-parallel (rows sliced) with megatron's vocab-parallel cross entropy.
-With sequence parallelism the activations between Pattentions are split along the sequence: copies become
+With sequence parallelism the activations between Pattentions are split along the tokens: copies become
 all-gathers and all-reduces reduce-scatters (SEQUENCE_PARALLEL below), and a block keeps the slices it gathered
 rather than the gathered inputs, gathering them again in backward (KeepGatheredAsSlices).
 """
@@ -48,15 +48,18 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)  # flat: gloo wants dim 0 = world * input
     dist.all_gather_single(out, x.contiguous().view(-1), group=group)
+    if dim == 0:  # the ranks' slices land in order: nothing to move
+        return out.view((world * x.shape[0],) + tuple(x.shape[1:]))
     return torch.cat(out.view((world,) + tuple(x.shape)).unbind(0), dim=dim)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = dist.get_world_size(group)
-    chunks = torch.stack(x.chunk(world, dim=dim), dim=0)  # [world, ...] with `dim` divided by world
-    out = torch.empty(chunks[0].numel(), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_single(out, chunks.view(-1), group=group)
-    return out.view(chunks.shape[1:])
+    if dim != 0:  # [world, ...] with `dim` divided by world: each rank's part contiguous, as the collective wants
+        return _reduce_scatter(torch.stack(x.chunk(world, dim=dim), dim=0), 0, group).squeeze(0)
+    out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_single(out.view(-1), x.contiguous().view(-1), group=group)
+    return out
 
 
 def _own_slice(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -129,18 +132,25 @@ BLOCK_PLAN = {
 }
 
 
-# Sequence parallelism (Megatron's): the residual stream between Pattentions is split along the sequence, so the
-# layer norms and the residual adds work on [b, s / TP, h]. Every copy into the block becomes an all-gather of the
-# sequence and every all-reduce out of it a reduce-scatter onto it: the same bytes on the wire (an all-reduce is a
+# Sequence parallelism (Megatron's): the residual stream between Pattentions is split along the tokens (over_tokens),
+# so the layer norms and the residual adds work on [b, s / TP, h]. Every copy into the block becomes an all-gather of
+# the tokens and every all-reduce out of it a reduce-scatter onto it: the same bytes on the wire (an all-reduce is a
 # reduce-scatter plus an all-gather), activations between layers TP times smaller.
 SEQUENCE_PARALLEL = {"copy": "gather_seq", "reduce": "scatter_seq"}
+
+
+def over_tokens(fn, x: torch.Tensor, *args):
+    """fn over dim 0 of [b, s, h] seen as one token axis [b * s, h]: a rank's slice of it is contiguous, so the
+    gathers and scatters of sequence parallelism move no data (Megatron's [s, b, h] layout does it for the same
+    reason). Everything between the Pattentions works token by token, so which tokens a rank holds is free."""
+    return fn(x.flatten(0, 1), 0, *args).view(x.shape[0], -1, x.shape[-1])
 
 
 class _Slice:
     """One gathered input, kept as this rank's slice; gathered again, once for all its users, when backward needs it."""
 
-    def __init__(self, local: torch.Tensor, full: torch.Tensor, dim: int, group):
-        self.local, self.dim, self.group = local, dim, group
+    def __init__(self, local: torch.Tensor, full: torch.Tensor, group):
+        self.local, self.group = local, group
         self.full = weakref.ref(full)  # alive while its storage can match: no reused address is mistaken for it
         self.ptr, self.offset, self.dtype = full.untyped_storage().data_ptr(), full.storage_offset(), full.dtype
         self.gathered = None
@@ -150,7 +160,7 @@ class _Slice:
 
     def rebuild(self, size, stride, offset) -> torch.Tensor:
         if self.gathered is None:  # the same layout as the forward's gather: a view maps onto it unchanged
-            self.gathered = _all_gather(self.local, self.dim, self.group)
+            self.gathered = over_tokens(_all_gather, self.local, self.group)
         return self.gathered.as_strided(size, stride, self.gathered.storage_offset() + offset)
 
 
@@ -164,15 +174,15 @@ class KeepGatheredAsSlices:
     checkpointed, it keeps nothing inside anyway. Hooks marked `observes_saved_tensors` (the activation-memory
     benchmark) are told what is kept instead of being overridden."""
 
-    def __init__(self, block: nn.Module, group, dim: int = 1):
-        self.group, self.dim, self.slices, self.hooks, self.observer = group, dim, [], None, None
+    def __init__(self, block: nn.Module, group):
+        self.group, self.slices, self.hooks, self.observer = group, [], None, None
         block.register_forward_pre_hook(self._enter)
         block.register_forward_hook(self._exit, always_call=True)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:  # the block's gather_seq region
-        full = gather(x, self.dim, self.group)
+        full = over_tokens(gather, x, self.group)
         if self.hooks is not None:
-            self.slices.append(_Slice(x.detach(), full, self.dim, self.group))
+            self.slices.append(_Slice(x.detach(), full, self.group))
         return full
 
     def _enter(self, block, args):
@@ -209,10 +219,10 @@ def _regions(group):
         "reduce": partial(reduce_from_tensor_model_parallel_region, group=group),
         "gather_heads": partial(gather, dim=-1, group=group),
         "scatter_heads": partial(reduce_scatter, dim=-1, group=group),
-        # sequence parallelism: activations outside the Pattentions are [b, s / TP, h]
-        "gather_seq": partial(gather, dim=1, group=group),
-        "scatter_seq": partial(reduce_scatter, dim=1, group=group),
-        "gather_seq_replicated": partial(gather, dim=1, group=group, replicated_grad=True),
+        # sequence parallelism: activations outside the Pattentions are [b, s / TP, h], a slice of the tokens
+        "gather_seq": lambda x: over_tokens(gather, x, group),
+        "scatter_seq": lambda x: over_tokens(reduce_scatter, x, group),
+        "gather_seq_replicated": lambda x: over_tokens(gather, x, group, True),
     }
 
 
