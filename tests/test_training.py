@@ -150,3 +150,18 @@ def test_final_norm_is_not_decayed(minipile, tmp_path):
     assert not torch.equal(a["layers.0.ffn.key_tokens"], b["layers.0.ffn.key_tokens"])
     c = one_step(0.1, 4, {"parallel.tp": 2, "parallel.pp": 2}, "c")
     torch.testing.assert_close(c["final_norm.weight"], a["final_norm.weight"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("world,overrides", [
+    (4, {"parallel.tp": 2, "parallel.pp": 2}),  # TP collectives, DeepSpeed's partitioned pipe tensors, tied embedding
+    (4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}),  # each rank's own slice sent
+    (4, {"parallel.tp": 2, "parallel.zero_stage": 2}),  # ZeRO-2: gradients reduced per micro-batch, DP x TP
+], ids=["tp2_pp2", "tp2_pp2_sequence_parallel", "dp2_tp2_zero2"])
+def test_every_rank_moves_the_bytes_counted_analytically(world, overrides):
+    """The layouts benchmark: one step's bytes, counted on every rank by wrapping torch.distributed (and DeepSpeed's
+    own references to it), equal bench.comm.rank_bytes_per_step exactly, rank by rank."""
+    from tokenformer_mp.bench.train import measure
+    r = measure("configs/debug.yaml", {"train.steps": 3, "model.vocab_size": 4096, **overrides}, world=world)
+    assert r["bytes_match_every_rank"], r
+    assert r["tp_bytes_per_step"] == r["tp_bytes_analytic"] > 0
+    assert r["bytes_per_step"] > r["tp_bytes_per_step"]

@@ -74,6 +74,7 @@ def bench_layouts():
     for name, world, ov in LAYOUTS:
         r = measure("configs/debug.yaml", {**base, **ov}, world=world)
         r["tp_bytes_match"] = r["tp_bytes_per_step"] == r["tp_bytes_analytic"]
+        r.pop("analytic_rank0")
         rows.append({"name": name, **r})
     return rows
 
@@ -118,7 +119,8 @@ SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "patte
             "pattention_parts": (bench_pattention_parts, ["variant", "ms", "ratio"]),
             "mfu": (bench_mfu, ["model", "step_time_s", "tokens_per_s", "matmul_peak_flops", "mfu"]),
             "layouts": (bench_layouts, ["name", "world", "step_time_s", "tokens_per_s", "tp_bytes_per_step",
-                                        "tp_bytes_analytic", "tp_bytes_match", "all_bytes_per_step_rank0"]),
+                                        "tp_bytes_analytic", "tp_bytes_match", "bytes_per_step", "bytes_analytic",
+                                        "bytes_match_every_rank"]),
             "activations": (bench_activations, ["layout", "activation_checkpointing", "activation_mb", "vs_tp1"]),
             "preprocess": (bench_preprocess, None),
             "reshard": (bench_reshard, ["config", "checkpoint_gb", "largest_tensor_mb", "seconds", "peak_rss_gb",

@@ -11,8 +11,9 @@ def _rank_run(config: str, overrides: dict, count_comm: bool) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from ..model import Block
     from ..train import Trainer
-    from .comm import count_collectives
+    from .comm import count_collectives, rank_bytes_per_step
     from .synthetic import FixedVocab, RandomTokens
 
     cfg = load_config(config, {**overrides, "train.eval_interval": 0, "checkpoint.save_interval": 0})
@@ -21,11 +22,16 @@ def _rank_run(config: str, overrides: dict, count_comm: bool) -> dict:
     n = t.steps * t.micro_batch_size * t.grad_accum_steps * 64
     trainer = Trainer(cfg, datasets=(RandomTokens(n, cfg.model.seq_length, vocab), None), tokenizer=FixedVocab(vocab))
     trainer.save = lambda: None  # measuring steps, not checkpoints
-    with count_collectives() as counts:
-        trainer.fit()
+    trainer.fit()
+    with count_collectives() as counts:  # one more step, once the first step's one-off messages are behind
+        trainer.train_step()
     tp_ranks = tuple(dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()))
     tp_bytes = sum(v for (op, ranks), v in counts.items() if ranks == tp_ranks and len(ranks) > 1)
-    out = {"history": trainer.history, "tp_bytes": tp_bytes, "all_bytes": sum(counts.values()),
+    analytic = rank_bytes_per_step(trainer.cfg, trainer.layout.dp, ps.get_pipeline_model_parallel_rank(),
+                                   sum(isinstance(m, Block) for m in trainer.model.modules()),
+                                   sum(p.numel() for p in trainer.model.parameters()))
+    out = {"history": trainer.history, "tp_bytes": tp_bytes, "analytic": analytic,
+           "all_bytes": sum(v for (op, ranks), v in counts.items() if len(ranks) > 1),
            "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
            "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak_flops}
     dist.barrier()
@@ -35,21 +41,22 @@ def _rank_run(config: str, overrides: dict, count_comm: bool) -> dict:
 
 
 def measure(config: str, overrides: dict, world: int = 1, warmup: int = 2) -> dict:
-    """Median step time and tokens/s after warm-up steps; TP bytes per step against the analytic count."""
-    from ..parallel.tensor_parallel import tp_bytes_per_step
-
+    """Median step time and tokens/s after warm-up steps; bytes per step, every rank's counted against its analytic
+    count (comm.rank_bytes_per_step): the TP group's summed over one TP group per stage, and all of them."""
     results = run_ranks(world, _rank_run, config, overrides, True)
     cfg = load_config(config, overrides)
     hist = results[0]["history"][warmup:]
-    steps = len(results[0]["history"])
-    m, t, p = cfg.model, cfg.train, cfg.parallel
-    measured = sum(r["tp_bytes"] for r in results if r["tp_rank"] == 0 and r["dp_rank"] == 0) / steps
-    analytic = tp_bytes_per_step(m.num_layers, m.hidden_size, t.micro_batch_size * m.seq_length,
-                                 t.grad_accum_steps, p.tp, sequence_parallel=p.sequence_parallel)
+    p = cfg.parallel
+    one_tp_group = [r for r in results if r["tp_rank"] == 0 and r["dp_rank"] == 0]  # one per pipeline stage
+    counted = [r["all_bytes"] for r in results]
+    analytic = [sum(r["analytic"].values()) for r in results]
     sp = " sp" if p.sequence_parallel and p.tp > 1 else ""
     return {"layout": f"tp{p.tp}{sp} pp{p.pp} dp{world // (p.tp * p.pp)}", "world": world,
             "step_time_s": statistics.median(h["step_time_s"] for h in hist),
             "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist),
             "mfu": statistics.median(h["mfu"] for h in hist), "matmul_peak_flops": results[0]["peak_flops"],
-            "tp_bytes_per_step": measured, "tp_bytes_analytic": analytic,
-            "all_bytes_per_step_rank0": results[0]["all_bytes"] / steps}
+            "tp_bytes_per_step": sum(r["tp_bytes"] for r in one_tp_group),
+            "tp_bytes_analytic": sum(r["analytic"]["tp"] for r in one_tp_group),
+            "bytes_per_step": sum(counted), "bytes_analytic": sum(analytic),
+            "bytes_match_every_rank": counted == analytic,
+            "analytic_rank0": results[0]["analytic"]}

@@ -295,7 +295,8 @@ def apply_tensor_parallel(module: nn.Module, group, sequence_parallel: bool = Fa
 
 
 def tp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro_batches: int, tp: int,
-                      elem_bytes: int = 4, sequence_parallel: bool = False) -> int:
+                      elem_bytes: int = 4, sequence_parallel: bool = False, embedding: bool = True,
+                      head: bool = True) -> int:
     """Analytic tensor-parallel traffic of one optimizer step, summed over all pipeline stages of one TP group, as
     full-tensor bytes per collective (the README's table). b = tokens per micro-batch, h = hidden:
       per layer  forward: 3 reduce-scatter [b,h] (Q,K,V) + all-gather [b,h] + 2 all-reduce [b,h] + 5 all-reduce [b]
@@ -307,14 +308,14 @@ def tp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro
       per layer  8 b h forward + 10 b h backward + 10 b = 18 b h + 10 b
       embedding and head: reduce-scatter + all-gather [b,h] (embedding), all-gather [b,h] forward before the final
                  norm, all-reduce [b,h] backward after the head, 3 all-reduce [b] = 4 b h + 3 b
+    `embedding` / `head`: whether the count includes those (one pipeline stage's share leaves out what it lacks).
     """
     if tp == 1:
         return 0
     b, h = tokens_per_micro, hidden
-    if sequence_parallel:
-        per_micro = num_layers * (18 * b * h + 10 * b) + 4 * b * h + 3 * b
-    else:
-        per_micro = num_layers * (12 * b * h + 10 * b) + 2 * b * h + 3 * b
+    ends = 2 if sequence_parallel else 1  # [b,h] collectives of the embedding, and of the head with its input
+    per_micro = num_layers * ((18 if sequence_parallel else 12) * b * h + 10 * b)
+    per_micro += embedding * ends * b * h + head * (ends * b * h + 3 * b)
     return per_micro * micro_batches * elem_bytes
 
 
