@@ -7,7 +7,7 @@ from ..config import load_config
 from ..parallel.local import run_ranks
 
 
-def _rank_run(config: str, overrides: dict, count_comm: bool) -> dict:
+def _rank_run(config: str, overrides: dict) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
@@ -27,9 +27,11 @@ def _rank_run(config: str, overrides: dict, count_comm: bool) -> dict:
         trainer.train_step()
     tp_ranks = tuple(dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()))
     tp_bytes = sum(v for (op, ranks), v in counts.items() if ranks == tp_ranks and len(ranks) > 1)
-    analytic = rank_bytes_per_step(trainer.cfg, trainer.layout.dp, ps.get_pipeline_model_parallel_rank(),
-                                   sum(isinstance(m, Block) for m in trainer.model.modules()),
-                                   sum(p.numel() for p in trainer.model.parameters()))
+    analytic = None  # modelled for fp32 (CPU); in bf16 DeepSpeed's choice of gradient dtypes would need modelling too
+    if trainer.precision == "fp32":
+        analytic = rank_bytes_per_step(trainer.cfg, trainer.layout.dp, ps.get_pipeline_model_parallel_rank(),
+                                       sum(isinstance(m, Block) for m in trainer.model.modules()),
+                                       sum(p.numel() for p in trainer.model.parameters()))
     out = {"history": trainer.history, "tp_bytes": tp_bytes, "analytic": analytic,
            "all_bytes": sum(v for (op, ranks), v in counts.items() if len(ranks) > 1),
            "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
@@ -43,20 +45,20 @@ def _rank_run(config: str, overrides: dict, count_comm: bool) -> dict:
 def measure(config: str, overrides: dict, world: int = 1, warmup: int = 2) -> dict:
     """Median step time and tokens/s after warm-up steps; bytes per step, every rank's counted against its analytic
     count (comm.rank_bytes_per_step): the TP group's summed over one TP group per stage, and all of them."""
-    results = run_ranks(world, _rank_run, config, overrides, True)
+    results = run_ranks(world, _rank_run, config, overrides)
     cfg = load_config(config, overrides)
     hist = results[0]["history"][warmup:]
     p = cfg.parallel
     one_tp_group = [r for r in results if r["tp_rank"] == 0 and r["dp_rank"] == 0]  # one per pipeline stage
     counted = [r["all_bytes"] for r in results]
-    analytic = [sum(r["analytic"].values()) for r in results]
+    analytic = [sum(r["analytic"].values()) if r["analytic"] else None for r in results]
     sp = " sp" if p.sequence_parallel and p.tp > 1 else ""
     return {"layout": f"tp{p.tp}{sp} pp{p.pp} dp{world // (p.tp * p.pp)}", "world": world,
             "step_time_s": statistics.median(h["step_time_s"] for h in hist),
             "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist),
             "mfu": statistics.median(h["mfu"] for h in hist), "matmul_peak_flops": results[0]["peak_flops"],
             "tp_bytes_per_step": sum(r["tp_bytes"] for r in one_tp_group),
-            "tp_bytes_analytic": sum(r["analytic"]["tp"] for r in one_tp_group),
-            "bytes_per_step": sum(counted), "bytes_analytic": sum(analytic),
+            "tp_bytes_analytic": sum(r["analytic"]["tp"] for r in one_tp_group) if analytic[0] is not None else None,
+            "bytes_per_step": sum(counted), "bytes_analytic": sum(analytic) if analytic[0] is not None else None,
             "bytes_match_every_rank": counted == analytic,
             "analytic_rank0": results[0]["analytic"]}
