@@ -68,11 +68,13 @@ LAYOUTS = [("tp1", 1, {}), ("tp2", 2, {"parallel.tp": 2}), ("tp4", 4, {"parallel
 
 
 def bench_layouts():
+    import torch
     from tokenformer_mp.bench.train import measure
     base = {"train.steps": 6, "model.vocab_size": 4096}
     rows = []
     for name, world, ov in LAYOUTS:
-        r = measure("configs/debug.yaml", {**base, **ov}, world=world)
+        device = {} if torch.cuda.device_count() >= world else {"train.device": "cpu"}  # a GPU per rank, or none
+        r = measure("configs/debug.yaml", {**base, **ov, **device}, world=world)
         r["tp_bytes_match"] = r["tp_bytes_per_step"] == r["tp_bytes_analytic"]
         r.pop("analytic_rank0")
         rows.append({"name": name, **r})
