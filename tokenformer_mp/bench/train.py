@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import statistics
+import tempfile
 
 from ..config import load_config
 from ..parallel.local import run_ranks
@@ -45,7 +46,8 @@ def _rank_run(config: str, overrides: dict) -> dict:
 def measure(config: str, overrides: dict, world: int = 1, warmup: int = 2) -> dict:
     """Median step time and tokens/s after warm-up steps; bytes per step, every rank's counted against its analytic
     count (comm.rank_bytes_per_step): the TP group's summed over one TP group per stage, and all of them."""
-    results = run_ranks(world, _rank_run, config, overrides)
+    with tempfile.TemporaryDirectory() as run_dir:  # not the config's run_dir: no resuming from a user's checkpoints
+        results = run_ranks(world, _rank_run, config, {**overrides, "run_dir": run_dir})
     cfg = load_config(config, overrides)
     hist = results[0]["history"][warmup:]
     p = cfg.parallel
