@@ -45,7 +45,8 @@ def count_collectives():
             return fn(*args, **kwargs)
         return counted
 
-    # DeepSpeed's torch backend keeps its own references to two of them (ZeRO's gather of updated parameters)
+    # DeepSpeed's torch backend keeps its own references to two of them (ZeRO's gathers of updated parameters, the
+    # pipeline engine's of partitioned activations): wrapped where it holds them
     import deepspeed.comm.comm as ds_comm
     backend = ds_comm.cdb
     held = {a: getattr(backend, a) for a in ("all_gather_function", "reduce_scatter_function")
