@@ -83,6 +83,19 @@ def test_resume_is_exact(minipile, tmp_path):
     assert [h["grad_norm"] for h in first + rest] == [h["grad_norm"] for h in ref]
 
 
+def test_requeued_run_continues_from_its_own_checkpoint_not_its_starting_one(minipile, tmp_path):
+    """A run started from checkpoint.load (as after a growth), stopped, and started again with the same command (as
+    Slurm requeues it) continues from its own checkpoint, and equals the run that never stopped."""
+    _run(1, debug_overrides(minipile, tmp_path / "start", **{"train.steps": 2}))
+    kw = {"train.steps": 6, "checkpoint.load": str(tmp_path / "start" / "checkpoints")}
+    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
+    assert [h["step"] for h in ref] == [3, 4, 5, 6]
+    first = _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 2}))
+    rest = _run(1, debug_overrides(minipile, tmp_path / "b", **kw))
+    assert [h["step"] for h in first] == [3, 4] and [h["step"] for h in rest] == [5, 6]
+    assert [h["loss"] for h in first + rest] == [h["loss"] for h in ref]
+
+
 def test_resume_at_another_layout(minipile, tmp_path):
     """A TP=1 checkpoint continues at TP=2 x PP=2 (layout-free copy, Adam state included) like the unbroken run."""
     kw = {"train.steps": 6}

@@ -111,7 +111,7 @@ class ParallelConfig:
 class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end
     keep_last: int = 2
-    load: str | None = None  # a checkpoint directory to start from; None: resume from the run directory if any
+    load: str | None = None  # a checkpoint to start from; the run directory's own checkpoints, if any, come first
 
 
 @dataclass

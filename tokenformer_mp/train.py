@@ -288,8 +288,16 @@ class Trainer:
         save_checkpoint(self, self.ckpt_dir, self.step, self.cfg.checkpoint.keep_last)
 
     def maybe_resume(self) -> None:
+        """The run directory's own latest checkpoint, else checkpoint.load, else nothing. checkpoint.load is where a
+        run starts (a grown or resharded checkpoint), so the same command, requeued after preemption, continues from
+        the run's own progress instead of starting over from it (torchtitan's initial_load_path, Megatron's
+        --pretrained-checkpoint)."""
         from .checkpoint import load_checkpoint
-        src = self.cfg.checkpoint.load or (self.ckpt_dir if os.path.exists(os.path.join(self.ckpt_dir, "latest")) else None)
+        own = self.ckpt_dir if os.path.exists(os.path.join(self.ckpt_dir, "latest")) else None
+        src = own or self.cfg.checkpoint.load
+        if own and self.cfg.checkpoint.load and self.is_logger:
+            log.info("checkpoint.load %s is where the run started; it continues from its own checkpoints in %s",
+                     self.cfg.checkpoint.load, self.ckpt_dir)
         if src is not None:
             state = load_checkpoint(self, src)
             self.step = state["step"]
