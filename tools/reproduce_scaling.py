@@ -14,6 +14,7 @@ around the moment of growth) into --out.
 import argparse
 import json
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
@@ -70,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps-grown", type=int, default=400)
     ap.add_argument("--eval-interval", type=int, default=25)
     ap.add_argument("--plot-only", action="store_true", help="redraw the plots from --out's results.json")
+    ap.add_argument("--overwrite", action="store_true", help="delete the runs already in --out and start again")
     args = ap.parse_args(argv)
     os.chdir(REPO)
     from tokenformer_mp.config import ConfigError, load_config, validate
@@ -111,6 +113,15 @@ def main(argv=None) -> int:
         small = dict(zip(("qkv", "proj", "ffn"), a["small_tokens"]))
         plot(saved["runs"], a["steps_small"], flops(small), small, a["factor"], out)
         return 0
+    runs = [f"{out}/{n}" for n in ("small", "grown-zero", "grown-zero-frozen", "grown-random", "scratch")]
+    runs += [f"{r}-ckpt" for r in runs[1:4]]
+    done = [r for r in runs if os.path.exists(r)]
+    if done and not args.overwrite:  # each run would resume from its own final checkpoint and train nothing
+        print(f"error: {out} already holds runs ({', '.join(map(os.path.basename, done))}): --overwrite starts the "
+              "study again, --plot-only redraws its plots", file=sys.stderr)
+        return 2
+    for r in done:
+        shutil.rmtree(r)
     results = {}
     h_small = run({**common, **tokens(small), "train.steps": args.steps_small, "run_dir": f"{out}/small"})
     grown = (("grown-zero", "zeros", small, 1.0), ("grown-zero-frozen", "zeros", small, 0.0),
