@@ -334,6 +334,9 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         self.maybe_resume()
+        if self.step >= t.steps and self.is_logger:
+            log.info("%s is complete (step %d of %d): nothing to train. A larger --train.steps continues it, another "
+                     "--run-dir starts a new run.", self.run_dir, self.step, t.steps)
         from .flops import measure_matmul_flops
         peak = self.peak_flops = measure_matmul_flops(
             self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32))
