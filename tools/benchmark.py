@@ -76,7 +76,6 @@ def bench_layouts():
         device = {} if torch.cuda.device_count() >= world else {"train.device": "cpu"}  # a GPU per rank, or none
         r = measure("configs/debug.yaml", {**base, **ov, **device}, world=world)
         r["tp_bytes_match"] = r["tp_bytes_per_step"] == r["tp_bytes_analytic"]
-        r.pop("analytic_rank0")
         rows.append({"name": name, **r})
     return rows
 

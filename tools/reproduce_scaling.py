@@ -113,9 +113,10 @@ def main(argv=None) -> int:
         small = dict(zip(("qkv", "proj", "ffn"), a["small_tokens"]))
         plot(saved["runs"], a["steps_small"], flops(small), small, a["factor"], out)
         return 0
-    runs = [f"{out}/{n}" for n in ("small", "grown-zero", "grown-zero-frozen", "grown-random", "scratch")]
-    runs += [f"{r}-ckpt" for r in runs[1:4]]
-    done = [r for r in runs if os.path.exists(r)]
+    grown = (("grown-zero", "zeros", small, 1.0), ("grown-zero-frozen", "zeros", small, 0.0),
+             ("grown-random", "normal", None, 1.0))
+    names = ["small", "scratch"] + [g[0] for g in grown] + [f"{g[0]}-ckpt" for g in grown]
+    done = [f"{out}/{n}" for n in names if os.path.exists(f"{out}/{n}")]
     if done and not args.overwrite:  # each run would resume from its own final checkpoint and train nothing
         print(f"error: {out} already holds runs ({', '.join(map(os.path.basename, done))}): --overwrite starts the "
               "study again, --plot-only redraws its plots", file=sys.stderr)
@@ -124,8 +125,6 @@ def main(argv=None) -> int:
         shutil.rmtree(r)
     results = {}
     h_small = run({**common, **tokens(small), "train.steps": args.steps_small, "run_dir": f"{out}/small"})
-    grown = (("grown-zero", "zeros", small, 1.0), ("grown-zero-frozen", "zeros", small, 0.0),
-             ("grown-random", "normal", None, 1.0))
     for name, key_init, pinned, old_mult in grown:
         ck = f"{out}/{name}-ckpt"
         # the reference's way (random keys) also lets tau follow the new token count

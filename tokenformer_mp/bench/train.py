@@ -53,14 +53,14 @@ def measure(config: str, overrides: dict, world: int = 1, warmup: int = 2) -> di
     p = cfg.parallel
     one_tp_group = [r for r in results if r["tp_rank"] == 0 and r["dp_rank"] == 0]  # one per pipeline stage
     counted = [r["all_bytes"] for r in results]
-    analytic = [sum(r["analytic"].values()) if r["analytic"] else None for r in results]
+    modelled = results[0]["analytic"] is not None
+    analytic = [sum(r["analytic"].values()) for r in results] if modelled else None
     sp = " sp" if p.sequence_parallel and p.tp > 1 else ""
     return {"layout": f"tp{p.tp}{sp} pp{p.pp} dp{world // (p.tp * p.pp)}", "world": world,
             "step_time_s": statistics.median(h["step_time_s"] for h in hist),
             "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist),
             "mfu": statistics.median(h["mfu"] for h in hist), "matmul_peak_flops": results[0]["peak_flops"],
             "tp_bytes_per_step": sum(r["tp_bytes"] for r in one_tp_group),
-            "tp_bytes_analytic": sum(r["analytic"]["tp"] for r in one_tp_group) if analytic[0] is not None else None,
-            "bytes_per_step": sum(counted), "bytes_analytic": sum(analytic) if analytic[0] is not None else None,
-            "bytes_match_every_rank": counted == analytic,
-            "analytic_rank0": results[0]["analytic"]}
+            "tp_bytes_analytic": sum(r["analytic"]["tp"] for r in one_tp_group) if modelled else None,
+            "bytes_per_step": sum(counted), "bytes_analytic": sum(analytic) if modelled else None,
+            "bytes_match_every_rank": counted == analytic if modelled else None}
