@@ -43,11 +43,16 @@ def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
 # --- collectives, each a small autograd function with its backward twin -------------------------------------------
 # megatron-core has AG/RS too (over dim 0, its [s, b, h] layout), but allocates with torch.cuda.current_device():
 # these run anywhere, over any dim of our [b, s, h] activations.
+# torch 2.13 renamed the single-tensor collectives; the old names (deprecated there, warning per call) are all that
+# older releases have. Looked up by name at each call, so a wrapper (bench.comm's byte counter) sees them.
+_ALL_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+_REDUCE_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = torch.empty(world * x.numel(), dtype=x.dtype, device=x.device)  # flat: gloo wants dim 0 = world * input
-    dist.all_gather_single(out, x.contiguous().view(-1), group=group)
+    getattr(dist, _ALL_GATHER)(out, x.contiguous().view(-1), group=group)
     if dim == 0:  # the ranks' slices land in order: nothing to move
         return out.view((world * x.shape[0],) + tuple(x.shape[1:]))
     return torch.cat(out.view((world,) + tuple(x.shape)).unbind(0), dim=dim)
@@ -58,7 +63,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     if dim != 0:  # [world, ...] with `dim` divided by world: each rank's part contiguous, as the collective wants
         return _reduce_scatter(torch.stack(x.chunk(world, dim=dim), dim=0), 0, group).squeeze(0)
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_single(out.view(-1), x.contiguous().view(-1), group=group)
+    getattr(dist, _REDUCE_SCATTER)(out.view(-1), x.contiguous().view(-1), group=group)
     return out
 
 
