@@ -155,8 +155,8 @@ class Trainer:
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         if self.is_logger:
             os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.yaml"), "w") as f:
-                f.write(to_yaml(cfg))
+            from .checkpoint import write_atomic
+            write_atomic(os.path.join(self.run_dir, "config.yaml"), to_yaml(cfg))
         self._build_engine(groups)
 
         t = cfg.train
