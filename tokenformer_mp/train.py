@@ -33,15 +33,24 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
 
 
-def deepspeed_config(cfg: Config, dp: int, precision: str) -> dict:
+def deepspeed_config(cfg: Config, dp: int, precision: str, rank_params: int | None = None) -> dict:
+    """rank_params: this rank's parameter count, which bounds ZeRO's gradient bucket (below)."""
     t = cfg.train
+    zero = {"stage": cfg.parallel.zero_stage}
+    if rank_params:
+        # ZeRO allocates its gradient bucket at full size (5e8 elements by default: 1 GB in bf16) at every backward
+        # and frees it after the step, whatever the model's size: memory the allocator must find next to the
+        # activations, and on a CPU a fresh mapping whose touched pages fault in again every step (1,025 faults a
+        # step at the debug size; none with this). Sized to this rank's parameters it still holds all of them, so
+        # the collectives are the same.
+        zero["reduce_bucket_size"] = min(int(5e8), rank_params)
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
         "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp,
         "gradient_clipping": t.clip_grad,
         # ZeRO-1 even at DP=1: with TP/PP it is the stage whose global grad norm is right (notes/stack-on-cpu.md).
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
@@ -207,7 +216,7 @@ class Trainer:
         self.adamw = optimizer  # the torch optimizer DeepSpeed drives: row rules hook its step
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-            config=deepspeed_config(cfg, self.layout.dp, self.precision))
+            config=deepspeed_config(cfg, self.layout.dp, self.precision, sum(p.numel() for p in model.parameters())))
         self.model = model
 
     def _dp_mean(self, value: float) -> float:
