@@ -170,6 +170,11 @@ def test_trained_checkpoint_grows_and_reshards_without_changing_validation_loss(
                           "--max-docs", "20"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["ppl"] > 1
+    texts = [subprocess.run([sys.executable, "tools/generate.py", "--load", out, "--prompt", "The", "--temperature", "0",
+                             "--max-new-tokens", "12", *flag], capture_output=True, text=True, cwd=REPO)
+             for flag in ([], ["--no-kv-cache"])]
+    assert all(r.returncode == 0 for r in texts), [r.stderr[-500:] for r in texts]
+    assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > len("The\n")
 
 
 def test_kill_during_training_leaves_a_loadable_checkpoint(minipile, tmp_path):

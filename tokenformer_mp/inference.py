@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig, _build
-from .model import TokenFormer
+from .model import KVCache, TokenFormer
 
 
 def load_model(path: str, device: str = "cpu") -> tuple[TokenFormer, dict]:
@@ -88,13 +88,23 @@ def evaluate(model: TokenFormer, docs: Iterator[list[int]], batch_size: int = 8)
 
 @torch.no_grad()
 def generate(model: TokenFormer, prompt: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, generator: torch.Generator | None = None) -> Iterator[int]:
-    """Sample one token at a time (streaming); the context is cut to the model's seq_length."""
+             top_p: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[int]:
+    """Sample one token at a time (streaming); the context is the last seq_length tokens.
+
+    With the KV cache a new token costs one position's forward, until the context is full; from then on the window
+    slides by a token a step and every position moves, so each step re-reads the window (as without the cache)."""
     device = next(model.parameters()).device
-    ids = list(prompt)
+    window = model.cfg.seq_length
+    ids, cache = list(prompt), None
     for _ in range(max_new_tokens):
-        x = torch.tensor([ids[-model.cfg.seq_length:]], device=device)
-        logits = model(x)[0, -1].float()
+        if not use_cache:
+            logits = model(torch.tensor([ids[-window:]], device=device))[0, -1].float()
+        else:
+            if cache is None or cache.length >= window:  # (re)read the last window of tokens
+                cache, new = KVCache(model.cfg), ids[-window:]
+            else:  # a cache not yet full holds ids[:cache.length]
+                new = ids[cache.length:]
+            logits = model(torch.tensor([new], device=device), cache=cache)[0, -1].float()
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:

@@ -236,21 +236,50 @@ class Attention(nn.Module):
         self.enter = _identity  # one input region for Q, K and V together (see parallel.tensor_parallel)
         self._tables = None  # rotary cos/sin for the last (T, device, dtype) seen
 
-    def _rotary_tables(self, T: int, x: torch.Tensor):
+    def _rotary_tables(self, start: int, T: int, x: torch.Tensor):
+        """cos and sin of positions [start, start + T), from tables grown as needed."""
         t = self._tables
-        if t is None or t[0].shape[0] != T or t[0].device != x.device or t[0].dtype != x.dtype:
-            t = self._tables = rotary_tables(T, self.rotary_dim, self.rotary_base, x.device, x.dtype)
-        return t
+        if t is None or t[0].shape[0] < start + T or t[0].device != x.device or t[0].dtype != x.dtype:
+            t = self._tables = rotary_tables(start + T, self.rotary_dim, self.rotary_base, x.device, x.dtype)
+        return t[0][start:start + T], t[1][start:start + T]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = self.enter(x)  # under sequence parallelism this gathers the sequence: T is the whole sequence after it
         B, T, _ = x.shape
+        start = cache.length if cache is not None else 0  # position of the first token of x
         # [B, T, heads * hd] -> [B, heads, T, hd]; under TP "heads" are this rank's heads.
         q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.query, self.key, self.value))
         if self.rotary_dim:
-            q, k = _Rotary.apply(q, k, *self._rotary_tables(T, q))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash / memory-efficient kernels on GPU
+            q, k = _Rotary.apply(q, k, *self._rotary_tables(start, T, q))
+        mask = None
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)  # [B, heads, start + T, hd]
+            if start and T > 1:  # new tokens see every cached one, and each other causally
+                mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        # flash / memory-efficient kernels on GPU; a single new token attends to everything before it
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class KVCache:
+    """Every layer's rotated keys and values of the tokens seen so far, for generation one token at a time.
+    Preallocated to the model's context: [B, heads, seq_length, hd] per layer, filled up to `length`."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.capacity, self.length = cfg.seq_length, 0
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * cfg.num_layers
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, heads, T, hd] after the cached ones; returns the keys and values of all the tokens."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions (the model's seq_length); {end} asked")
+        if self.kv[layer] is None:
+            shape = k.shape[:2] + (self.capacity, k.shape[3])
+            self.kv[layer] = (k.new_empty(shape), v.new_empty(shape))
+        ck, cv = self.kv[layer]
+        ck[:, :, self.length:end], cv[:, :, self.length:end] = k, v
+        return ck[:, :, :end], cv[:, :, :end]
 
 
 class Block(nn.Module):
@@ -262,8 +291,8 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn = make_pattention(cfg, "ffn", cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(F.layer_norm(x, (self.hidden,), eps=self.eps))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attention(F.layer_norm(x, (self.hidden,), eps=self.eps), cache, self.layer_idx)
         return x + self.ffn(F.layer_norm(x, (self.hidden,), eps=self.eps))
 
 
@@ -355,10 +384,18 @@ class TokenFormer(nn.Module):
         self.activation_checkpointing = False
         self.loss_fn = lm_loss  # parallel.tensor_parallel swaps in the vocab-parallel cross entropy
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None):
+        """tokens [B, T] -> logits [B, T, V], or the loss given labels. With a cache (generation), tokens continue
+        the cached ones: positions from cache.length on."""
         x = self.embed(tokens)  # [B, T, h]
         for block in self.layers:
-            x = checkpoint(block, x, use_reentrant=False) if self.activation_checkpointing and self.training else block(x)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         logits = self.embed.logits(self.final_norm(x))
         return logits if labels is None else self.loss_fn(logits, labels, loss_mask)
 

@@ -115,6 +115,19 @@ def bench_reshard():
                 ("tokenformer-150m.yaml", "tokenformer-1.5b.yaml")]
 
 
+def bench_generate():
+    """Greedy decoding with the KV cache against re-reading the context every token (random weights)."""
+    import torch
+    from tokenformer_mp.bench.generate import measure
+    from tokenformer_mp.config import load_config
+    debug = load_config("configs/debug.yaml", {"model.vocab_size": 4096}).model
+    m150 = load_config("configs/tokenformer-150m.yaml").model
+    rows = [measure(debug, 16, 100), measure(m150, 512, 64)]
+    if torch.cuda.is_available():
+        rows.append(measure(m150, 512, 256, device="cuda", dtype=torch.bfloat16))
+    return rows
+
+
 SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "pattention_ms", "fused_ms", "mlp_ms",
                                               "ratio", "fused_ratio"]),
             "pattention_parts": (bench_pattention_parts, ["variant", "ms", "ratio"]),
@@ -124,6 +137,8 @@ SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "patte
                                         "bytes_match_every_rank"]),
             "activations": (bench_activations, ["layout", "activation_checkpointing", "activation_mb", "vs_tp1"]),
             "preprocess": (bench_preprocess, None),
+            "generate": (bench_generate, ["model", "device", "prompt", "new_tokens", "cached_tok_s", "uncached_tok_s",
+                                          "speedup", "same_tokens"]),
             "reshard": (bench_reshard, ["config", "checkpoint_gb", "largest_tensor_mb", "seconds", "peak_rss_gb",
                                         "limit_gb", "within_limit"])}
 

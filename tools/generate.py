@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer-type")
     ap.add_argument("--tokenizer-model")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-kv-cache", action="store_true", help="re-read the whole context for every token")
     args = ap.parse_args(argv)
     try:
         model, cfg = load_model(args.load, args.device)
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     sys.stdout.write(args.prompt)
     out, shown = [], ""
     for t in generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                      torch.Generator().manual_seed(args.seed)):
+                      torch.Generator().manual_seed(args.seed), use_cache=not args.no_kv_cache):
         out.append(t)
         text = tok.decode(out)  # decode the whole tail: byte-level pieces only make sense together
         sys.stdout.write(text[len(shown):])
