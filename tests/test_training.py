@@ -33,6 +33,8 @@ LAYOUTS = {  # name: (world size, overrides); all with the same global batch as 
     "pp2": (2, {"parallel.pp": 2}),
     "dp2_zero1": (2, {"train.grad_accum_steps": 1}),
     "dp2_zero2": (2, {"train.grad_accum_steps": 1, "parallel.zero_stage": 2}),
+    "dp2_overlap_grad_reduce": (2, {"train.grad_accum_steps": 1, "parallel.overlap_grad_reduce": True,
+                                    "parallel.grad_bucket_size": 100_000}),
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
     "tp2_activation_checkpointing": (2, {"parallel.tp": 2, "train.activation_checkpointing": True}),
     "pp2_activation_checkpointing": (2, {"parallel.pp": 2, "train.activation_checkpointing": True}),
@@ -62,6 +64,42 @@ def test_layout_equals_one_process(name, minipile, baseline, tmp_path):
     world, extra = LAYOUTS[name]
     hist = _run(world, debug_overrides(minipile, tmp_path, **{"train.steps": 3, **extra}))
     _assert_same(hist, baseline)
+
+
+def _dp_reductions(overrides: dict) -> list[bool]:
+    """For each gradient all-reduce of one step (DP only: every non-scalar all-reduce is one), whether it ran inside
+    backward."""
+    import torch.distributed as dist
+
+    from tokenformer_mp.config import load_config
+    from tokenformer_mp.train import Trainer, shutdown
+    trainer = Trainer(load_config("configs/debug.yaml", overrides))
+    inside, all_reduce = [], dist.all_reduce
+
+    def recorded(tensor, *args, **kwargs):
+        if tensor.numel() > 1:
+            inside.append(torch._C._current_autograd_node() is not None)
+        return all_reduce(tensor, *args, **kwargs)
+    dist.all_reduce = recorded
+    try:
+        trainer.train_step()
+    finally:
+        dist.all_reduce = all_reduce
+    shutdown()
+    return inside
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_overlapped_gradient_reduction_runs_inside_backward(minipile, tmp_path, stage):
+    """parallel.overlap_grad_reduce: the DP gradients go in buckets of grad_bucket_size elements, each reduced from
+    inside backward as it fills, the last partial one after it (655k parameters in buckets of 200k: 4 reductions);
+    without it one reduction, after backward."""
+    kw = {"train.grad_accum_steps": 1, "parallel.zero_stage": stage}
+    plain = run_ranks(2, _dp_reductions, debug_overrides(minipile, tmp_path / "a", **kw))[0]
+    overlapped = run_ranks(2, _dp_reductions, debug_overrides(minipile, tmp_path / "b", **kw, **{
+        "parallel.overlap_grad_reduce": True, "parallel.grad_bucket_size": 200_000}))[0]
+    assert plain == [False], plain
+    assert overlapped == [True, True, True, False], overlapped
 
 
 def test_uneven_token_counts_at_tp4(minipile, tmp_path):
@@ -169,7 +207,8 @@ def test_final_norm_is_not_decayed(minipile, tmp_path):
     (4, {"parallel.tp": 2, "parallel.pp": 2}),  # TP collectives, DeepSpeed's partitioned pipe tensors, tied embedding
     (4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}),  # each rank's own slice sent
     (4, {"parallel.tp": 2, "parallel.zero_stage": 2}),  # ZeRO-2: gradients reduced per micro-batch, DP x TP
-], ids=["tp2_pp2", "tp2_pp2_sequence_parallel", "dp2_tp2_zero2"])
+    (4, {"parallel.tp": 2, "parallel.overlap_grad_reduce": True, "parallel.grad_bucket_size": 100_000}),  # buckets
+], ids=["tp2_pp2", "tp2_pp2_sequence_parallel", "dp2_tp2_zero2", "dp2_tp2_overlap_grad_reduce"])
 def test_every_rank_moves_the_bytes_counted_analytically(world, overrides):
     """The layouts benchmark: one step's bytes, counted on every rank by wrapping torch.distributed (and DeepSpeed's
     own references to it), equal bench.comm.rank_bytes_per_step exactly, rank by rank."""

@@ -105,6 +105,11 @@ class ParallelConfig:
     # Megatron's sequence parallelism: activations between Pattentions split over the TP group
     # (layer norms, residuals and layer inputs TP times smaller, same bytes on the wire). No effect at tp 1.
     sequence_parallel: bool = False
+    # Data-parallel gradient reduction in buckets of grad_bucket_size elements (ZeRO's): overlapped, each bucket is
+    # reduced as soon as backward has filled it (DeepSpeed's overlap_comm, Megatron's --overlap-grad-reduce).
+    # grad_bucket_size None: 4e7 elements when overlapping (Megatron's default), else one bucket for all.
+    overlap_grad_reduce: bool = False
+    grad_bucket_size: int | None = None
 
 
 @dataclass
@@ -293,6 +298,7 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
          f"TP/PP; at DP=1, ZeRO-1 partitions nothing)")
     need(not (p.pp > 1 and p.zero_stage > 1), "parallel.zero_stage",
          "ZeRO-2 is refused by DeepSpeed's pipeline engine: use zero_stage 1 with parallel.pp > 1")
+    need(p.grad_bucket_size is None or p.grad_bucket_size > 0, "parallel.grad_bucket_size", "must be positive")
     need(p.pp <= m.num_layers, "parallel.pp", f"{p.pp} stages for {m.num_layers} layers")
     need(m.num_heads % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.num_heads={m.num_heads}")
     need(not p.sequence_parallel or m.seq_length % p.tp == 0, "parallel.sequence_parallel",

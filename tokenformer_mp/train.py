@@ -35,15 +35,14 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 
 def deepspeed_config(cfg: Config, dp: int, precision: str, rank_params: int | None = None) -> dict:
     """rank_params: this rank's parameter count, which bounds ZeRO's gradient bucket (below)."""
-    t = cfg.train
-    zero = {"stage": cfg.parallel.zero_stage}
-    if rank_params:
-        # ZeRO allocates its gradient bucket at full size (5e8 elements by default: 1 GB in bf16) at every backward
-        # and frees it after the step, whatever the model's size: memory the allocator must find next to the
-        # activations, and on a CPU a fresh mapping whose touched pages fault in again every step (1,025 faults a
-        # step at the debug size; none with this). Sized to this rank's parameters it still holds all of them, so
-        # the collectives are the same.
-        zero["reduce_bucket_size"] = min(int(5e8), rank_params)
+    t, p = cfg.train, cfg.parallel
+    bucket = p.grad_bucket_size or (40_000_000 if p.overlap_grad_reduce else 500_000_000)  # DeepSpeed's: 5e8
+    # ZeRO allocates its gradient bucket at full size at every backward (twice when overlapping) and frees it after
+    # the step, whatever the model's size: memory the allocator must find next to the activations, and on a CPU a
+    # fresh mapping whose touched pages fault in again every step (1,025 faults a step for the debug model at the
+    # default 5e8; none at its size). More than this rank's parameters would hold nothing more.
+    zero = {"stage": p.zero_stage, "overlap_comm": p.overlap_grad_reduce,
+            "reduce_bucket_size": min(bucket, rank_params or bucket)}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
