@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tokenformer_mp.config import ModelConfig, load_config
 from tokenformer_mp.model import (KVCache, Pattention, TokenFormer, _Rotary, _row_dot, count_params, cross_entropy,
-                                  flops_per_token, rotary_tables)
+                                  flops_per_token, pattention, rotary_tables)
 
 
 def reference(x, K, V, norm, n_scale):
@@ -59,10 +59,30 @@ def test_row_dot_in_fp32_for_every_input(dtype, rows):
     assert ((got.double() - exact).abs() <= bound).all()
 
 
-def test_fused_l2_norm_gelu_gradcheck():
-    p = Pattention(6, 5, 7).double()
-    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(p, (x,))
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_l2_norm_gelu_gradcheck(recompute):
+    """Gradients for the input, the key and the value tokens, the GELU kept or recomputed."""
+    x, keys, values = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 3, 6), (7, 6), (7, 5)))
+    assert torch.autograd.gradcheck(lambda *a: pattention(*a, "l2_norm_gelu", 7 ** 0.5, recompute=recompute),
+                                    (x, keys, values))
+
+
+@pytest.mark.parametrize("fused,dtype", [(False, torch.float32), (False, torch.bfloat16), (True, torch.float32)])
+def test_recomputed_gelu_gives_the_same_gradients(fused, dtype):
+    """Pattention.recompute keeps the scores only and computes the GELU again in backward, with the forward's own
+    kernel on the same inputs: outputs and every gradient bit for bit those of keeping it."""
+    got = []
+    for recompute in (False, True):
+        p = Pattention(32, 24, 80)
+        p.reset_parameters(torch.Generator().manual_seed(2))
+        p.to(dtype)
+        p.fused, p.recompute = fused, recompute
+        x = torch.randn(3, 11, 32, dtype=dtype, generator=torch.Generator().manual_seed(3)).requires_grad_()
+        out = p(x)
+        (out.float() * torch.linspace(-1, 1, 24)).sum().backward()
+        got.append([out, x.grad, p.key_tokens.grad, p.value_tokens.grad])
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("sharded", [False, True])  # True: the split kernels around a (here one-shard) reduce

@@ -106,10 +106,22 @@ def test_sequence_parallel_splits_the_activations_between_layers():
     inputs (attention's, the FFN's) instead of the whole: one [b, s, h] less per layer, to the byte."""
     from tokenformer_mp.bench.memory import rank_activation_bytes
     cfg, batch = _cfg(), 2
-    kept = {(sp, ckpt): run_ranks(2, rank_activation_bytes, cfg, 2, sp, batch, ckpt)[0]
+    kept = {(sp, ckpt): run_ranks(2, rank_activation_bytes, cfg, 2, sp, batch, "blocks" if ckpt else "none")[0]
             for sp in (False, True) for ckpt in (False, True)}
-    kept_gathered = run_ranks(2, rank_activation_bytes, cfg, 2, True, batch, False, True)[0]
+    kept_gathered = run_ranks(2, rank_activation_bytes, cfg, 2, True, batch, "none", True)[0]
     block_inputs = cfg.num_layers * batch * cfg.seq_length * cfg.hidden_size * 4  # fp32 [b, s, h] per layer
     assert kept[False, True] - kept[True, True] == block_inputs // 2
     assert kept_gathered - kept[True, False] == block_inputs
     assert kept_gathered < kept[False, False]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_recomputing_the_gelu_keeps_no_weights(tp):
+    """train.recompute_pattention_gelu: each Pattention keeps its scores but not their GELU, [b, s, n / TP] fp32
+    per Pattention less, to the byte (this rank's parameter tokens: 3 x 32 + 32 + 128 per layer, over TP)."""
+    from tokenformer_mp.bench.memory import rank_activation_bytes
+    cfg, batch = _cfg(), 2
+    kept = {r: (run_ranks(tp, rank_activation_bytes, cfg, tp, False, batch, r)[0] if tp > 1
+                else rank_activation_bytes(cfg, 1, False, batch, r)) for r in ("none", "gelu")}
+    weights = cfg.num_layers * batch * cfg.seq_length * (3 * 32 + 32 + 128) // tp * 4
+    assert kept["none"] - kept["gelu"] == weights

@@ -39,6 +39,7 @@ LAYOUTS = {  # name: (world size, overrides); all with the same global batch as 
     "tp2_activation_checkpointing": (2, {"parallel.tp": 2, "train.activation_checkpointing": True}),
     "pp2_activation_checkpointing": (2, {"parallel.pp": 2, "train.activation_checkpointing": True}),
     "tp2_fused_pattention": (2, {"parallel.tp": 2, "train.fused_pattention": True}),
+    "tp2_recompute_pattention_gelu": (2, {"parallel.tp": 2, "train.recompute_pattention_gelu": True}),
     "tp2_sequence_parallel": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
     "tp2_pp2_sequence_parallel": (4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}),
     "tp2_pp2_sequence_parallel_checkpointing": (4, {"parallel.tp": 2, "parallel.pp": 2,

@@ -91,6 +91,9 @@ class TrainConfig:
     # l2_norm_gelu's elementwise work in compiled kernels (tokenformer_mp.kernels): 5 memory passes over the scores
     # instead of 15. Same maths; meant for GPUs (on a CPU eager is faster, README Benchmarks).
     fused_pattention: bool = False
+    # Keep each Pattention's scores but not their GELU (the value matmul's input, [tokens, n]); compute it again in
+    # backward: a third less activation memory for one more elementwise pass (README, Benchmarks).
+    recompute_pattention_gelu: bool = False
     log_interval: int = 1
     exit_after_steps: int = 0  # >0: save and exit after this many steps of this invocation (schedule unchanged)
     eval_interval: int = 50

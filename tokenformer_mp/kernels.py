@@ -56,6 +56,12 @@ def _backward_local(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, no
 _scaled_kernel, _dot_kernel, _correct_kernel = _compile(_scaled), _compile(_dot), _compile(_correct)
 
 
+@_compile
+def gelu_scaled(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """gelu(s z) again from the unscaled scores and the forward's scale: the forward's weights, for backward."""
+    return F.gelu(z.float() * scale).to(z.dtype)
+
+
 def forward(z: torch.Tensor, tau: float, eps: float, reduce, sharded: bool):
     """[..., n] scores -> (gelu(tau z / ||z||), scale, norm), the last two [..., 1] fp32. `reduce` sums a row
     statistic over the shards of the token axis."""

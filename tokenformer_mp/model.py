@@ -24,37 +24,43 @@ def _identity(x):
 
 # --- Pattention -------------------------------------------------------------------------------------------------
 
-class _L2NormGeluScores(torch.autograd.Function):
-    """gelu(tau * A / ||A||_2) with A = x @ K^T, normalised over the token axis; fused so the scores are scaled in
-    place and only (x, K, z, scale) are kept for backward. `fused`: the elementwise work in compiled kernels
-    (tokenformer_mp.kernels), which keep the unscaled scores instead.
+class _L2NormGeluPattention(torch.autograd.Function):
+    """gelu(tau * A / ||A||_2) @ V with A = x @ K^T, normalised over the token axis; fused so the scores are scaled
+    in place and only (x, K, V, z, scale) and the GELU's output are kept for backward. `fused`: the elementwise work
+    in compiled kernels (tokenformer_mp.kernels), which keep the unscaled scores instead. `recompute`: the GELU's
+    output ([..., n], what the value matmul's backward reads) is not kept but computed again from z in backward.
 
     `reduce` sums a per-row statistic over all parameter-token shards (identity when unsharded), in the forward
     (sum of squares) and in the backward (sum of dz * z): one float per row each way.
     """
 
     @staticmethod
-    def forward(ctx, x, keys, tau: float, reduce, fused: bool):
+    def forward(ctx, x, keys, values, tau: float, reduce, fused: bool, recompute: bool):
         z = x @ keys.t()  # A: [..., n]
         ctx.tau, ctx.reduce, ctx.fused, ctx.sharded = tau, reduce, fused, reduce is not _identity
         if fused:
-            out, scale, norm = _kernels().forward(z, tau, NORM_EPS, reduce, ctx.sharded)
+            weights, scale, norm = _kernels().forward(z, tau, NORM_EPS, reduce, ctx.sharded)
         else:
             stat = torch.promote_types(z.dtype, torch.float32)  # row statistics in fp32 even under bf16
             norm = reduce(torch.linalg.vector_norm(z, dim=-1, keepdim=True, dtype=stat).square_()).sqrt_()
             scale = tau / norm.clamp_min(NORM_EPS)  # [..., 1]
-            out = F.gelu(z.mul_(scale.to(z.dtype)))
-        ctx.save_for_backward(x, keys, z, scale, norm)
-        return out
+            weights = F.gelu(z.mul_(scale.to(z.dtype)))
+        ctx.save_for_backward(x, keys, values, z, scale, norm, None if recompute else weights)
+        return weights @ values  # [..., d_out]
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, keys, z, scale, norm = ctx.saved_tensors
+        x, keys, values, z, scale, norm, weights = ctx.saved_tensors
+        if weights is None:  # the forward's own kernel again, on the same inputs: the same weights
+            weights = _kernels().gelu_scaled(z, scale) if ctx.fused else F.gelu(z)
+        grad_v = weights.flatten(0, -2).t() @ grad_out.flatten(0, -2) if ctx.needs_input_grad[2] else None
+        del weights
+        grad_w = grad_out @ values.t()  # dL/d(weights): [..., n]
         if ctx.fused:
-            da = _kernels().backward(grad_out, z, scale, norm, ctx.tau, NORM_EPS, ctx.reduce, ctx.sharded)
+            da = _kernels().backward(grad_w, z, scale, norm, ctx.tau, NORM_EPS, ctx.reduce, ctx.sharded)
         else:
             # d z_j / d A_i = s (delta_ij - z_i z_j / tau^2): the norm couples every token of a row.
-            dz = torch.ops.aten.gelu_backward(grad_out, z)
+            dz = torch.ops.aten.gelu_backward(grad_w, z)
             dot = ctx.reduce(_row_dot(dz, z, norm.dtype))
             coef = torch.where(norm > NORM_EPS, dot / ctx.tau**2, torch.zeros_like(dot))
             da = dz.addcmul_(z, coef.to(z.dtype), value=-1.0)  # dL/dA / scale, in place
@@ -62,7 +68,7 @@ class _L2NormGeluScores(torch.autograd.Function):
         s = scale.to(z.dtype)
         grad_x = (da @ keys).mul_(s) if ctx.needs_input_grad[0] else None
         grad_k = da.flatten(0, -2).t() @ (x * s).flatten(0, -2) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_k, None, None, None
+        return grad_x, grad_k, grad_v, None, None, None, None
 
 
 def _kernels():
@@ -83,11 +89,17 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return pairs.diagonal(dim1=1, dim2=2).reshape(*a.shape[:-1], 1)
 
 
-def pattention_weights(x: torch.Tensor, keys: torch.Tensor, norm: str, tau: float, reduce=_identity,
-                       reduce_max=_identity, fused: bool = False) -> torch.Tensor:
-    """Theta(x @ K^T): the attention weights over parameter tokens. x: [..., d_in], keys: [n, d_in] -> [..., n]."""
+def pattention(x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, norm: str, tau: float, reduce=_identity,
+               reduce_max=_identity, fused: bool = False, recompute: bool = False) -> torch.Tensor:
+    """Theta(x @ K^T) @ V. x: [..., d_in], keys: [n, d_in], values: [n, d_out] -> [..., d_out]."""
     if norm == "l2_norm_gelu":  # paper eq. 4 / 16, the default
-        return _L2NormGeluScores.apply(x, keys, tau, reduce, fused)
+        return _L2NormGeluPattention.apply(x, keys, values, tau, reduce, fused, recompute)
+    return pattention_weights(x, keys, norm, tau, reduce, reduce_max) @ values
+
+
+def pattention_weights(x: torch.Tensor, keys: torch.Tensor, norm: str, tau: float, reduce=_identity,
+                       reduce_max=_identity) -> torch.Tensor:
+    """Theta(x @ K^T) for the other normalisations: [..., d_in], [n, d_in] -> [..., n]."""
     scores = x @ keys.t()
     if norm == "gelu_l2_norm":
         g = F.gelu(scores)
@@ -120,6 +132,7 @@ class Pattention(nn.Module):
         # Communication hooks, identity unless tokenformer_mp.parallel shards the token axis.
         self.enter, self.exit, self.reduce_over_tokens, self.max_over_tokens = _identity, _identity, _identity, _identity
         self.fused = False  # compiled elementwise kernels for l2_norm_gelu (train.fused_pattention)
+        self.recompute = False  # GELU output recomputed in backward, not kept (train.recompute_pattention_gelu)
         if self.key_tokens.device.type != "meta":
             self.reset_parameters()
 
@@ -139,9 +152,8 @@ class Pattention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)
-        weights = pattention_weights(x, self.key_tokens, self.norm, self.tau, self.reduce_over_tokens,
-                                     self.max_over_tokens, self.fused)  # [..., n]
-        return self.exit(weights @ self.value_tokens)  # [..., out_features]
+        return self.exit(pattention(x, self.key_tokens, self.value_tokens, self.norm, self.tau,
+                                    self.reduce_over_tokens, self.max_over_tokens, self.fused, self.recompute))
 
     @torch.no_grad()
     def expand(self, m: int, key_init: str = "zeros", value_init: str = "normal",

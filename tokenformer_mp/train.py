@@ -207,7 +207,7 @@ class Trainer:
             mpu = groups.MPU
         for sub in model.modules():
             if isinstance(sub, Pattention):
-                sub.fused = t.fused_pattention
+                sub.fused, sub.recompute = t.fused_pattention, t.recompute_pattention_gelu
         # fused: one pass over the (ZeRO-flat) fp32 state instead of eight, on CPU and GPU alike
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                       eps=t.adam_eps, fused=True)

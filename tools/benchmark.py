@@ -135,7 +135,7 @@ SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "patte
             "layouts": (bench_layouts, ["name", "world", "step_time_s", "tokens_per_s", "tp_bytes_per_step",
                                         "tp_bytes_analytic", "tp_bytes_match", "bytes_per_step", "bytes_analytic",
                                         "bytes_match_every_rank"]),
-            "activations": (bench_activations, ["layout", "activation_checkpointing", "activation_mb", "vs_tp1"]),
+            "activations": (bench_activations, ["layout", "recompute", "activation_mb", "vs_tp1"]),
             "preprocess": (bench_preprocess, None),
             "generate": (bench_generate, ["model", "device", "prompt", "new_tokens", "cached_tok_s", "uncached_tok_s",
                                           "speedup", "same_tokens"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..model import Pattention
 from ..parallel.local import run_ranks
 
 
@@ -29,8 +30,9 @@ def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor, labels:
 
 
 def rank_activation_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool, micro_batch: int,
-                          checkpointing: bool, keep_gathered: bool = False) -> int:
-    """This rank's saved activations for one micro-batch of random tokens (called on each of tp ranks)."""
+                          recompute: str = "none", keep_gathered: bool = False) -> int:
+    """This rank's saved activations for one micro-batch of random tokens (called on each of tp ranks).
+    recompute: "none", "gelu" (Pattention's GELU recomputed) or "blocks" (activation checkpointing)."""
     import torch.distributed as dist
 
     from ..parallel import groups
@@ -41,7 +43,10 @@ def rank_activation_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool, mi
         groups.initialize(tp, 1)
         group = groups.tp_group()
     model = build_model(cfg, 0, group, sequence_parallel)
-    model.activation_checkpointing = checkpointing  # then a block keeps only its input (torch.utils.checkpoint's)
+    model.activation_checkpointing = recompute == "blocks"  # a block keeps only its input (torch.utils.checkpoint's)
+    for sub in model.modules():
+        if isinstance(sub, Pattention):
+            sub.recompute = recompute == "gelu"
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_length), generator=torch.Generator().manual_seed(0))
     n = saved_activation_bytes(model, tokens, tokens, keep_gathered)
     if tp > 1:
@@ -50,16 +55,15 @@ def rank_activation_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool, mi
 
 
 def measure(cfg: ModelConfig, micro_batch: int, tps=(1, 2, 4)) -> list[dict]:
-    """Rank 0's saved activations for each TP degree, with and without sequence parallelism, with and without
-    activation checkpointing; and each as a fraction of TP=1's."""
-    rows = []
-    for checkpointing in (False, True):
-        base = None
+    """Rank 0's saved activations for each TP degree, with and without sequence parallelism, for each kind of
+    recomputation (none, Pattention's GELU, whole blocks); and each as a fraction of TP=1's without any."""
+    rows, base = [], None
+    for recompute in ("none", "gelu", "blocks"):
         for tp in tps:
             for sp in ((False, True) if tp > 1 else (False,)):
-                args = (cfg, tp, sp, micro_batch, checkpointing)
+                args = (cfg, tp, sp, micro_batch, recompute)
                 n = run_ranks(tp, rank_activation_bytes, *args)[0] if tp > 1 else rank_activation_bytes(*args)
                 base = base or n
-                rows.append({"layout": f"tp{tp}{' sp' if sp else ''}", "activation_checkpointing": checkpointing,
+                rows.append({"layout": f"tp{tp}{' sp' if sp else ''}", "recompute": recompute,
                              "activation_mb": n / 2**20, "vs_tp1": n / base})
     return rows
