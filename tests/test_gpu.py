@@ -16,14 +16,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float().cpu() - b.float().cpu()).norm() / b.float().cpu().norm()).item()
 
 
+@pytest.mark.parametrize("recompute", [False, True])  # True: the GELU recomputed in backward
 @pytest.mark.parametrize("fused", [False, True])  # True: the compiled kernels (Triton here)
-def test_pattention_bf16_on_gpu_tracks_fp32_on_cpu(fused):
+def test_pattention_bf16_on_gpu_tracks_fp32_on_cpu(fused, recompute):
     torch.manual_seed(0)
     ref = Pattention(256, 384, 1024)
     x = torch.randn(4, 128, 256, requires_grad=True)
     ref(x).square().mean().backward()
     gpu = copy.deepcopy(ref).cuda().bfloat16()
-    gpu.fused = fused
+    gpu.fused, gpu.recompute = fused, recompute
     gpu.zero_grad(set_to_none=True)
     xg = x.detach().cuda().bfloat16().requires_grad_()
     out = gpu(xg)
