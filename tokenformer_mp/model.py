@@ -246,7 +246,7 @@ class Attention(nn.Module):
         self.value = make_pattention(cfg, "qkv", h, h)
         self.proj = make_pattention(cfg, "proj", h, h)
         self.enter = _identity  # one input region for Q, K and V together (see parallel.tensor_parallel)
-        self._tables = None  # rotary cos/sin for the last (T, device, dtype) seen
+        self._tables = None  # rotary cos/sin of positions 0.. (grown as needed), for the last device and dtype
 
     def _rotary_tables(self, start: int, T: int, x: torch.Tensor):
         """cos and sin of positions [start, start + T), from tables grown as needed."""
