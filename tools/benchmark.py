@@ -57,6 +57,9 @@ def bench_mfu():
                "train.activation_checkpointing": False}
         runs += [(f"{n}{tag}", f"configs/tokenformer-{n}.yaml", {**gpu, "train.fused_pattention": fused})
                  for n in ("150m", "450m") for tag, fused in (("", False), (" fused", True))]
+        # what recomputing Pattention's GELU costs where it matters (its saving: the activations section)
+        runs.append(("450m gelu recomputed", "configs/tokenformer-450m.yaml",
+                     {**gpu, "train.recompute_pattention_gelu": True}))
     return [{"model": name, **measure(cfg, ov)} for name, cfg, ov in runs]
 
 
