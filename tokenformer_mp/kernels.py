@@ -19,10 +19,15 @@ _gelu_backward = torch.ops.aten.gelu_backward
 _compile = torch.compile(fullgraph=True, dynamic=None)
 
 
+def _gelu_of(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """gelu(s z) in fp32, in z's dtype."""
+    return F.gelu(z.float() * scale).to(z.dtype)
+
+
 def _scaled(z: torch.Tensor, norm: torch.Tensor, tau: float, eps: float):
     """(gelu(s z), s) with s = tau / ||z|| per row."""
     scale = tau / norm.clamp_min(eps)
-    return F.gelu(z.float() * scale).to(z.dtype), scale
+    return _gelu_of(z, scale), scale
 
 
 def _dot(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -54,12 +59,7 @@ def _backward_local(grad: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, no
 
 
 _scaled_kernel, _dot_kernel, _correct_kernel = _compile(_scaled), _compile(_dot), _compile(_correct)
-
-
-@_compile
-def gelu_scaled(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """gelu(s z) again from the unscaled scores and the forward's scale: the forward's weights, for backward."""
-    return F.gelu(z.float() * scale).to(z.dtype)
+gelu_scaled = _compile(_gelu_of)  # the forward's weights again, from the unscaled scores and the saved scale
 
 
 def forward(z: torch.Tensor, tau: float, eps: float, reduce, sharded: bool):
