@@ -35,12 +35,13 @@ def test_pattention_bf16_on_gpu_tracks_fp32_on_cpu(fused, recompute):
     assert _rel(gpu.value_tokens.grad, ref.value_tokens.grad) < 5e-2
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_debug_training_on_gpu_tracks_cpu(minipile, tmp_path, fused):
-    """Three steps on the GPU (bf16 via DeepSpeed, NCCL world of one) follow fp32 on the CPU within bf16 rounding."""
+@pytest.mark.parametrize("options", [{}, {"train.fused_pattention": True}, {"train.compile": True}])
+def test_debug_training_on_gpu_tracks_cpu(minipile, tmp_path, options):
+    """Three steps on the GPU (bf16 via DeepSpeed, NCCL world of one) follow fp32 on the CPU within bf16 rounding:
+    eager, with the compiled Pattention kernels and with compiled blocks (Triton either way)."""
     cpu = run_ranks(1, train, debug_overrides(minipile, tmp_path / "cpu", **{"train.steps": 3}))[0]
     gpu = run_ranks(1, train, debug_overrides(minipile, tmp_path / "gpu", **{"train.steps": 3, "train.device": "cuda",
-                                                                              "train.fused_pattention": fused}))[0]
+                                                                              **options}))[0]
     for g, c in zip(gpu, cpu):
         assert abs(g["loss"] - c["loss"]) <= 2e-2 * c["loss"], (g["step"], g["loss"], c["loss"])
         assert 0 < g["mfu"] < 1

@@ -94,6 +94,10 @@ class TrainConfig:
     # Keep each Pattention's scores but not their GELU (the value matmul's input, [tokens, n]); compute it again in
     # backward: a third less activation memory for one more elementwise pass (README, Benchmarks).
     recompute_pattention_gelu: bool = False
+    # torch.compile each block (torchtitan's per-block compile): Inductor fuses the LayerNorms, rotary, Pattention's
+    # norm and GELU and the residual adds around the matmuls (Triton on a GPU, C++ on a CPU). Same maths; the first
+    # step and the first evaluation pay for compiling (README, Benchmarks).
+    compile: bool = False
     log_interval: int = 1
     exit_after_steps: int = 0  # >0: save and exit after this many steps of this invocation (schedule unchanged)
     eval_interval: int = 50

@@ -206,6 +206,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) 
     the rest pass. x: [B, H, T, hd], cos/sin: [T, h]."""
     h = cos.shape[-1]
     x1, x2 = x[..., :h], x[..., h:2 * h]
+    if torch.compiler.is_compiling():  # out= into slices would end the graph; Inductor makes this one kernel anyway
+        return torch.cat([x1 * cos - sign * x2 * sin, x2 * cos + sign * x1 * sin, x[..., 2 * h:]], dim=-1)
     out = x.clone()
     o1, o2 = out[..., :h], out[..., h:2 * h]
     torch.mul(x1, cos, out=o1).addcmul_(x2, sin, value=-sign)
@@ -250,6 +252,11 @@ class Attention(nn.Module):
 
     def _rotary_tables(self, start: int, T: int, x: torch.Tensor):
         """cos and sin of positions [start, start + T), from tables grown as needed."""
+        if torch.compiler.is_compiling():
+            # Inside the graph (a few hundred sines): a cached table is module state the graph would guard on, and
+            # the call that builds it would compile a second graph, which activation recomputation then mixes up.
+            cos, sin = rotary_tables(start + T, self.rotary_dim, self.rotary_base, x.device, x.dtype)
+            return cos[start:], sin[start:]
         t = self._tables
         if t is None or t[0].shape[0] < start + T or t[0].device != x.device or t[0].dtype != x.dtype:
             t = self._tables = rotary_tables(start + T, self.rotary_dim, self.rotary_base, x.device, x.dtype)

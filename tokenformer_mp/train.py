@@ -191,7 +191,7 @@ class Trainer:
     def _build_engine(self, groups) -> None:
         import deepspeed
 
-        from .parallel.build import build_model, build_pipeline
+        from .parallel.build import apply_compile, build_model, build_pipeline
 
         cfg, t = self.cfg, self.cfg.train
         if self.layout.pp > 1:
@@ -208,6 +208,8 @@ class Trainer:
         for sub in model.modules():
             if isinstance(sub, Pattention):
                 sub.fused, sub.recompute = t.fused_pattention, t.recompute_pattention_gelu
+        if t.compile:
+            apply_compile(model)
         # fused: one pass over the (ZeRO-flat) fp32 state instead of eight, on CPU and GPU alike
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                       eps=t.adam_eps, fused=True)

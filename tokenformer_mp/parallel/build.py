@@ -39,6 +39,16 @@ def build_model(cfg: ModelConfig, seed: int, tp_group=None, sequence_parallel: b
     return materialize(model, tp_group, seed, sequence_parallel=sequence_parallel)
 
 
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile every Block in place, the plain model's and a pipeline stage's alike (names and state dicts
+    unchanged). The blocks share their code, so the graph compiled for the first serves all (parameters are graph
+    inputs): one compilation per grad mode whatever the depth, well inside dynamo's recompile limit. Tensor-parallel
+    collectives are traced into the graph as functional collectives."""
+    for sub in model.modules():
+        if isinstance(sub, Block):
+            sub.compile()
+
+
 # --- pipeline stages: the same modules, constructed by DeepSpeed's LayerSpecs -------------------------------------
 
 class EmbeddingPipe(Embedding):

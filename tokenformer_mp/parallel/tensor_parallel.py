@@ -191,6 +191,8 @@ class KeepGatheredAsSlices:
         return full
 
     def _enter(self, block, args):
+        if torch.compiler.is_compiling():  # train.compile: the compiled graph chooses what it saves, and these
+            return  # hooks (storage pointers, hook stacks) would break it into pieces; it keeps the gathered inputs
         outer = torch._C._autograd._top_saved_tensors_default_hooks(False)  # (pack, unpack) of enclosing hooks
         observer = outer is not None and getattr(outer[0], "observes_saved_tensors", False)
         if not torch.is_grad_enabled() or (outer is not None and not observer):
