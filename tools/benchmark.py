@@ -49,14 +49,16 @@ def bench_mfu():
     from tokenformer_mp.bench.train import measure
     small = {"train.steps": 8, "model.vocab_size": 4096}
     wide = {**small, **{f"model.{k}": v for k, v in WIDE.items()}, "train.micro_batch_size": 4}
-    runs = [("debug", "configs/debug.yaml", small), ("4x512", "configs/debug.yaml", wide)]
+    runs = [(name + tag, "configs/debug.yaml", {**ov, "train.compile": compiled})
+            for name, ov in (("debug", small), ("4x512", wide)) for tag, compiled in (("", False), (" compiled", True))]
     import torch
     if torch.cuda.is_available():  # the paper's sizes, bf16 against the GPU's own measured bf16 matmul peak
         # Without activation recomputation (MFU counts model FLOPs only); 8 x 2048 tokens fit an 80 GB GPU either way.
         gpu = {"train.steps": 10, "train.micro_batch_size": 8, "train.grad_accum_steps": 1,
                "train.activation_checkpointing": False}
-        runs += [(f"{n}{tag}", f"configs/tokenformer-{n}.yaml", {**gpu, "train.fused_pattention": fused})
-                 for n in ("150m", "450m") for tag, fused in (("", False), (" fused", True))]
+        variants = (("", {}), (" fused", {"train.fused_pattention": True}), (" compiled", {"train.compile": True}))
+        runs += [(f"{n}{tag}", f"configs/tokenformer-{n}.yaml", {**gpu, **ov})
+                 for n in ("150m", "450m") for tag, ov in variants]
         # what recomputing Pattention's GELU costs where it matters (its saving: the activations section)
         runs.append(("450m gelu recomputed", "configs/tokenformer-450m.yaml",
                      {**gpu, "train.recompute_pattention_gelu": True}))
@@ -138,7 +140,7 @@ SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "patte
             "layouts": (bench_layouts, ["name", "world", "step_time_s", "tokens_per_s", "tp_bytes_per_step",
                                         "tp_bytes_analytic", "tp_bytes_match", "bytes_per_step", "bytes_analytic",
                                         "bytes_match_every_rank"]),
-            "activations": (bench_activations, ["layout", "recompute", "activation_mb", "vs_tp1"]),
+            "activations": (bench_activations, ["layout", "recompute", "compiled", "activation_mb", "vs_tp1"]),
             "preprocess": (bench_preprocess, None),
             "generate": (bench_generate, ["model", "device", "prompt", "new_tokens", "cached_tok_s", "uncached_tok_s",
                                           "speedup", "same_tokens"]),

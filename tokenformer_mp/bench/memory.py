@@ -30,13 +30,14 @@ def saved_activation_bytes(model: torch.nn.Module, tokens: torch.Tensor, labels:
 
 
 def rank_activation_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool, micro_batch: int,
-                          recompute: str = "none", keep_gathered: bool = False) -> int:
+                          recompute: str = "none", keep_gathered: bool = False, compiled: bool = False) -> int:
     """This rank's saved activations for one micro-batch of random tokens (called on each of tp ranks).
-    recompute: "none", "gelu" (Pattention's GELU recomputed) or "blocks" (activation checkpointing)."""
+    recompute: "none", "gelu" (Pattention's GELU recomputed) or "blocks" (activation checkpointing); compiled:
+    the blocks compiled (train.compile), which then save what the compiled graph chooses."""
     import torch.distributed as dist
 
     from ..parallel import groups
-    from ..parallel.build import build_model
+    from ..parallel.build import apply_compile, build_model
     group = None
     if tp > 1:
         dist.init_process_group("gloo")
@@ -47,6 +48,8 @@ def rank_activation_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool, mi
     for sub in model.modules():
         if isinstance(sub, Pattention):
             sub.recompute = recompute == "gelu"
+    if compiled:
+        apply_compile(model)
     tokens = torch.randint(0, cfg.vocab_size, (micro_batch, cfg.seq_length), generator=torch.Generator().manual_seed(0))
     n = saved_activation_bytes(model, tokens, tokens, keep_gathered)
     if tp > 1:
@@ -56,14 +59,15 @@ def rank_activation_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool, mi
 
 def measure(cfg: ModelConfig, micro_batch: int, tps=(1, 2, 4)) -> list[dict]:
     """Rank 0's saved activations for each TP degree, with and without sequence parallelism, for each kind of
-    recomputation (none, Pattention's GELU, whole blocks); and each as a fraction of TP=1's without any."""
+    recomputation (none, Pattention's GELU, whole blocks) and compiled blocks; and each as a fraction of TP=1's
+    without any."""
     rows, base = [], None
-    for recompute in ("none", "gelu", "blocks"):
+    for recompute, compiled in (("none", False), ("gelu", False), ("blocks", False), ("none", True)):
         for tp in tps:
             for sp in ((False, True) if tp > 1 else (False,)):
-                args = (cfg, tp, sp, micro_batch, recompute)
+                args = (cfg, tp, sp, micro_batch, recompute, False, compiled)
                 n = run_ranks(tp, rank_activation_bytes, *args)[0] if tp > 1 else rank_activation_bytes(*args)
                 base = base or n
-                rows.append({"layout": f"tp{tp}{' sp' if sp else ''}", "recompute": recompute,
+                rows.append({"layout": f"tp{tp}{' sp' if sp else ''}", "recompute": recompute, "compiled": compiled,
                              "activation_mb": n / 2**20, "vs_tp1": n / base})
     return rows
