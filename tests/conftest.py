@@ -35,3 +35,16 @@ def debug_overrides(data: dict, run_dir, **kw) -> dict:
             "train.eval_interval": 0, "train.warmup_steps": 2, "train.log_interval": 1}
     base.update(kw)
     return base
+
+
+def assert_close_to_scale(actual, expected, rel: float, msg: str = "") -> None:
+    """Every element of `actual` within rel x max|expected| of `expected` (shapes equal).
+
+    Tolerances are stated against a tensor's scale, not an element's own size: fp32 BLAS kernels sum in another order
+    on another CPU (AVX2 or AVX-512, Intel or AMD), which moves an element near zero by far more than itself."""
+    import torch
+
+    a, e = torch.as_tensor(actual).detach().double().cpu(), torch.as_tensor(expected).detach().double().cpu()
+    assert a.shape == e.shape, f"{msg}: shape {tuple(a.shape)} vs {tuple(e.shape)}"
+    scale, err = e.abs().max().item(), (a - e).abs().max().item()
+    assert err <= rel * scale, f"{msg}: largest error {err:.3g} > {rel:g} x the reference's scale {scale:.3g}"
