@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
 from .model import Pattention, flops_per_token
+from .parallel.launch import LaunchError
 
 log = logging.getLogger("tokenformer_mp")
 
@@ -137,15 +138,16 @@ class Trainer:
     def __init__(self, cfg: Config, datasets=None, tokenizer=None):
         """datasets/tokenizer: given ones replace those named by cfg.data (tests, notebooks)."""
         from .parallel import groups
-        from .parallel.launch import init_distributed, local_rank, pick_device
+        from .parallel.launch import discover, init_distributed, pick_device
 
         self.cfg = cfg
         validate(cfg, check_paths=datasets is None)  # before any process group or allocation
-        self.device = pick_device(cfg.train.device, local_rank())
-        le = init_distributed(self.device)
+        le = discover()
         validate(cfg, check_paths=False, world_size=le.world_size)
+        self.device = pick_device(cfg.train.device, le.local_rank)
+        init_distributed(le, self.device, cfg.parallel.timeout_s)
         tp, pp = cfg.parallel.tp, cfg.parallel.pp
-        groups.initialize(tp, pp)
+        groups.initialize(tp, pp, cfg.parallel.timeout_s)
         sizes = groups.sizes()
         self.layout = Layout(tp, pp, sizes["dp"], groups.ps.get_data_parallel_rank(), le.rank, le.world_size)
         self.is_logger = le.rank == 0
@@ -436,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["run_dir"] = args.run_dir
         cfg = load_config(args.config, overrides)
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .checkpoint import CheckpointError
