@@ -53,6 +53,11 @@ def deepspeed_config(cfg: Config, dp: int, precision: str, rank_params: int | No
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16"},
+        # bf16 as Megatron and torchtitan train it: gradients accumulated over the micro-batches and reduced across
+        # data-parallel ranks in fp32 (DeepSpeed's BF16_Optimizer at ZeRO-1, fp32 partition buffers at ZeRO-2), not
+        # summed in bf16; parallel.grad_reduce_dtype bf16 halves the reduction's bytes.
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": p.grad_reduce_dtype}
+           if precision == "bf16" else {}),
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -219,8 +224,12 @@ class Trainer:
         self.adamw = optimizer  # the torch optimizer DeepSpeed drives: row rules hook its step
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-            config=deepspeed_config(cfg, self.layout.dp, self.precision, sum(p.numel() for p in model.parameters())))
+            config=self.deepspeed_config(sum(p.numel() for p in model.parameters())))
         self.model = model
+
+    def deepspeed_config(self, rank_params: int) -> dict:
+        """The engine's config (a method, so a measurement can compare DeepSpeed's own settings: bench.precision)."""
+        return deepspeed_config(self.cfg, self.layout.dp, self.precision, rank_params)
 
     def _dp_mean(self, value: float) -> float:
         if self.layout.dp == 1:

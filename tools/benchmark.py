@@ -134,6 +134,17 @@ def bench_generate():
     return rows
 
 
+def bench_precision():
+    """bf16 against fp32 over 50 steps of the debug model on the quickstart's data, 16 micro-batches a step: the
+    gradients accumulated in fp32 (this project) or in bf16 (DeepSpeed's default)."""
+    from tokenformer_mp.bench.precision import drift
+    if not os.path.exists("data/processed/sample_text_document.idx"):
+        print("precision: run tools/quickstart.sh first (it preprocesses the debug model's data)")
+        return [{"variant": "skipped: no data/processed/sample_text_document"}]
+    return drift("configs/debug.yaml", {"train.micro_batch_size": 1, "train.grad_accum_steps": 16,
+                                        "train.warmup_steps": 5, "train.eval_iters": 8, "train.log_interval": 50})
+
+
 SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "pattention_ms", "fused_ms", "mlp_ms",
                                               "ratio", "fused_ratio"]),
             "pattention_parts": (bench_pattention_parts, ["variant", "ms", "ratio"]),
@@ -145,6 +156,8 @@ SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "patte
             "preprocess": (bench_preprocess, None),
             "generate": (bench_generate, ["model", "device", "prompt", "new_tokens", "cached_tok_s", "uncached_tok_s",
                                           "speedup", "same_tokens"]),
+            "precision": (bench_precision, ["variant", "optimizer", "grad_accum_dtype", "final_loss",
+                                            "max_rel_loss_diff", "final_rel_loss_diff", "val_loss", "val_rel_diff"]),
             "reshard": (bench_reshard, ["config", "checkpoint_gb", "largest_tensor_mb", "seconds", "peak_rss_gb",
                                         "limit_gb", "within_limit"])}
 
