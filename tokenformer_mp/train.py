@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
+from .flops import MatmulPeak, datasheet_bf16_peak, format_mfu, measure_matmul_flops
 from .model import Pattention, flops_per_token
 from .parallel.launch import LaunchError
 
@@ -187,6 +188,9 @@ class Trainer:
             if valid_ds is not None and len(valid_ds) > 0 else None
         self.tokens_per_step = G * cfg.model.seq_length
         self.flops_per_token = flops_per_token(cfg.model)
+        self.matmul_peak = MatmulPeak()
+        self.datasheet_peak = datasheet_bf16_peak(torch.cuda.get_device_name(self.device)) \
+            if self.device.type == "cuda" and self.precision == "bf16" else None
         self.metrics = MetricsWriter(self.run_dir, self.is_logger)
         self.step = 0
         self.history: list[dict] = []  # every step's record, on every rank (tests compare layouts with it)
@@ -348,6 +352,23 @@ class Trainer:
             self._stop_signal = sig
         return sig != 0
 
+    # --- MFU: model FLOPs (Table 3) per second over the measured matmul peak, and the datasheet's on known GPUs -----
+    def measure_peak(self) -> None:
+        """One more reading of the matmul peak, at a square shape that saturates the device and at the step's own
+        largest matmul (a micro-batch's tokens x hidden x this rank's FFN tokens); the best reading counts."""
+        m, t = self.cfg.model, self.cfg.train
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        own = (t.micro_batch_size * m.seq_length, m.hidden_size, max(1, m.ffn_tokens // self.layout.tp))
+        self.matmul_peak.readings += [measure_matmul_flops(self.device, dtype, seconds=0.3),
+                                      measure_matmul_flops(self.device, dtype, own, seconds=0.3)]
+
+    def mfu(self, tokens_per_s: float) -> dict:
+        flops = tokens_per_s * self.flops_per_token / self.layout.world  # per device
+        out = {"mfu": flops / self.matmul_peak.best}
+        if self.datasheet_peak is not None:
+            out["mfu_datasheet"] = flops / self.datasheet_peak
+        return out
+
     def fit(self) -> dict:
         from tqdm import tqdm
 
@@ -358,9 +379,7 @@ class Trainer:
         if self.step >= t.steps and self.is_logger:
             log.info("%s is complete (step %d of %d): nothing to train. A larger --train.steps continues it, another "
                      "--run-dir starts a new run.", self.run_dir, self.step, t.steps)
-        from .flops import measure_matmul_flops
-        peak = self.peak_flops = measure_matmul_flops(
-            self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32))
+        self.measure_peak()
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 30.0)  # log files (Slurm) get the log lines, not redraws
         last, skipped_before, first_step = {}, 0, self.step
@@ -376,8 +395,7 @@ class Trainer:
             self.step += 1
             tps = self.tokens_per_step / elapsed
             rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
-                   "mfu": tps * self.flops_per_token / (peak * self.layout.world), "step_time_s": elapsed,
-                   "tokens_seen": self.step * self.tokens_per_step}
+                   **self.mfu(tps), "step_time_s": elapsed, "tokens_seen": self.step * self.tokens_per_step}
             if skipped:
                 rec["skipped"] = True
                 bar.write(f"step {self.step}: fp16 overflow, step skipped, loss scale lowered")
@@ -390,7 +408,9 @@ class Trainer:
             self.history.append(rec)
             if self.is_logger and (self.step % t.log_interval == 0 or "val_loss" in rec):
                 line = (f"step {self.step:>6}/{t.steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {norm:.3f} | "
-                        f"tok/s {tps:,.0f} | mfu {rec['mfu']:.1%}")
+                        f"tok/s {tps:,.0f} | mfu {format_mfu(rec['mfu'])}")
+                if "mfu_datasheet" in rec:
+                    line += f" ({format_mfu(rec['mfu_datasheet'])} of the datasheet's bf16 peak)"
                 if "val_loss" in rec:
                     line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.2f}"
                 bar.write(line)
