@@ -352,3 +352,23 @@ def test_mfu_against_the_datasheet_and_flagged_above_one():
     assert format_mfu(0.431) == "43.1%" and "read low" in format_mfu(1.12)
     peak = MatmulPeak([78e9, 113e9, 109e9])  # the AMD run whose one low reading printed MFU 1.12
     assert peak.best == 113e9 and peak.summary()["matmul_peak_spread"] == pytest.approx(78 / 113)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_inference_in_low_precision_keeps_its_kv_cache_in_it(tmp_path, dtype):
+    """tools/generate.py and tools/evaluate.py --dtype: the weights and the KV cache in that dtype (on a GPU bf16
+    by default), the logits within its rounding of fp32's."""
+    from tokenformer_mp.checkpoint import write_layout_free
+    from tokenformer_mp.config import Config
+    from tokenformer_mp.inference import DTYPES, default_dtype, load_model
+    model = _small_model()
+    write_layout_free(dict(model.named_parameters()), Config(model=model.cfg), str(tmp_path / "ckpt"))
+    low, _ = load_model(str(tmp_path / "ckpt"), "cpu", dtype)
+    assert {p.dtype for p in low.parameters()} == {DTYPES[dtype]}
+    x = torch.randint(0, 256, (2, 14))
+    cache = KVCache(low.cfg)
+    logits = low(x, cache=cache)
+    assert {t.dtype for kv in cache.kv for t in kv} == {DTYPES[dtype]}
+    assert_close_to_scale(logits.float(), model(x), 2e-2)
+    assert default_dtype("cpu") == "fp32" and default_dtype("cuda") == "bf16"
