@@ -1,4 +1,5 @@
 """Rank discovery: one function reads every launcher's variables and keeps a given MASTER_ADDR; host settings."""
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,24 @@ def test_no_gloo_side_groups():
     from tokenformer_mp.parallel.local import run_ranks
     asked = run_ranks(2, _side_group_backends, 2, 1)[0]
     assert len(asked) > 5 and "gloo" not in asked, asked
+
+
+def test_gpu_check_without_a_gpu_skips_everything_and_says_so(tmp_path):
+    """tools/gpu_check.sh's dry run on a CPU machine: exit 0, one clear line, the JSON written; and what it reads of
+    pytest's JUnit XML, here tests/test_gpu.py run for real on this machine (all skipped, each saying why)."""
+    from tests.conftest import REPO
+    from tokenformer_mp.bench.gpu_check import junit_results
+    out = tmp_path / "gpu.json"
+    res = subprocess.run([sys.executable, "tools/gpu_check.py", "--out", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "no CUDA GPU is visible: every GPU check skipped" in res.stdout
+    result = json.loads(out.read_text())
+    assert result["machine"]["gpus"] == 0 and result["failed"] == [] and result["skipped"][0]["part"] == "all"
+    xml = tmp_path / "tests.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
+                    f"--junitxml={xml}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                   env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    rows = junit_results(str(xml))
+    assert len(rows) >= 14 and {r["status"] for r in rows} == {"skipped"}
+    assert all("needs a CUDA GPU" in r["detail"] for r in rows)
