@@ -69,3 +69,19 @@ def test_missing_and_bad_yaml(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(str(bad))
+
+
+def test_global_batch_is_the_recipe_at_any_gpu_count():
+    """tokenformer-150m states the paper's 1,024 sequences: 128 accumulation steps on one GPU, 16 on 8, 2 on 64."""
+    t = load_config("configs/tokenformer-150m.yaml").train
+    assert [(t.accum_steps(dp), t.global_batch(dp)) for dp in (1, 8, 64)] == [(128, 1024), (16, 1024), (2, 1024)]
+    cfg = load_config("configs/tokenformer-150m.yaml", {"parallel.tp": 2})
+    validate(cfg, check_paths=False, world_size=16)  # DP 8
+    with pytest.raises(ConfigError, match=r"train\.global_batch_size: 1024 sequences is not a multiple of "
+                                          r"micro_batch_size 8 x data-parallel size 48 = 384"):
+        validate(cfg, check_paths=False, world_size=96)
+    both = load_config("configs/tokenformer-150m.yaml", {"train.grad_accum_steps": 4})
+    with pytest.raises(ConfigError, match="train.global_batch_size and train.grad_accum_steps: set one of them"):
+        validate(both, check_paths=False)
+    debug = load_config("configs/debug.yaml").train  # accumulation steps given: the global batch grows with DP
+    assert [debug.global_batch(dp) for dp in (1, 2)] == [16, 32]

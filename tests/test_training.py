@@ -155,6 +155,20 @@ def test_resume_at_another_layout(minipile, tmp_path):
         assert abs(h["loss"] - r["loss"]) <= 1e-5 * r["loss"]
 
 
+def test_global_batch_gives_the_same_steps_at_any_data_parallel_size(minipile, tmp_path):
+    """train.global_batch_size 4 of micro-batches of 2: 2 accumulation steps on one rank, 1 on two; each step reads
+    the same samples whatever DP is, so a run stopped at DP=1 continues at DP=2 as the run that never stopped (losses
+    and grad norms within 1e-5; steps at DP=2 from the start: the layout tests)."""
+    kw = {"train.steps": 4, "train.global_batch_size": 4, "train.grad_accum_steps": None}
+    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
+    _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 2}))
+    rest = _run(2, debug_overrides(minipile, tmp_path / "b", **kw))
+    assert [h["step"] for h in rest] == [3, 4]
+    for h, r in zip(rest, ref[2:]):
+        assert abs(h["loss"] - r["loss"]) <= 1e-5 * r["loss"], (h["step"], h["loss"], r["loss"])
+        assert abs(h["grad_norm"] - r["grad_norm"]) <= 1e-5 * r["grad_norm"], (h["step"], h["grad_norm"], r["grad_norm"])
+
+
 def _args(overrides: dict) -> list[str]:
     """Dotted overrides as command-line arguments."""
     out = []

@@ -71,8 +71,13 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100
-    micro_batch_size: int = 4
-    grad_accum_steps: int = 1  # also the number of pipeline micro-batches per step
+    micro_batch_size: int = 4  # sequences per forward on each data-parallel rank
+    # The recipe's batch, in sequences per optimizer step, whatever the GPU count: the accumulation steps follow as
+    # global_batch_size / (micro_batch_size x DP) (Megatron's --global-batch-size, GPT-NeoX's train_batch_size).
+    global_batch_size: int | None = None
+    # Or the accumulation steps themselves (also the pipeline's micro-batches per step); the global batch then grows
+    # with DP. Not both; neither: 1.
+    grad_accum_steps: int | None = None
     lr: float = 6e-4
     min_lr: float = 6e-5
     warmup_steps: int = 10
@@ -102,6 +107,24 @@ class TrainConfig:
     exit_after_steps: int = 0  # >0: save and exit after this many steps of this invocation (schedule unchanged)
     eval_interval: int = 50
     eval_iters: int = 5
+
+    def accum_steps(self, dp: int) -> int:
+        """Micro-batches per optimizer step on each data-parallel rank, at `dp` data-parallel ranks."""
+        if self.global_batch_size is None:
+            return self.grad_accum_steps or 1
+        per_pass = self.micro_batch_size * dp
+        if self.grad_accum_steps is not None:
+            raise ConfigError("train.global_batch_size and train.grad_accum_steps: set one of them (the global batch "
+                              "fixes the recipe whatever the GPU count; the accumulation steps follow from it)")
+        if self.global_batch_size % per_pass:
+            raise ConfigError(f"train.global_batch_size: {self.global_batch_size} sequences is not a multiple of "
+                              f"micro_batch_size {self.micro_batch_size} x data-parallel size {dp} = {per_pass}: "
+                              f"change micro_batch_size, or the GPU count (DP = world / (tp * pp))")
+        return self.global_batch_size // per_pass
+
+    def global_batch(self, dp: int) -> int:
+        """Sequences per optimizer step at `dp` data-parallel ranks."""
+        return self.micro_batch_size * self.accum_steps(dp) * dp
 
 
 @dataclass
@@ -296,7 +319,10 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
 
     need(t.steps > 0, "train.steps", "must be positive")
     need(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
-    need(t.grad_accum_steps > 0, "train.grad_accum_steps", "must be positive")
+    need(t.grad_accum_steps is None or t.grad_accum_steps > 0, "train.grad_accum_steps", "must be positive")
+    need(t.global_batch_size is None or t.global_batch_size > 0, "train.global_batch_size", "must be positive")
+    if t.global_batch_size is not None and t.grad_accum_steps is not None:
+        t.accum_steps(1)  # the error that says: one of them
     need(0 <= t.warmup_steps, "train.warmup_steps", "must be >= 0")
     need(t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} is above train.lr {t.lr}")
     need(t.old_tokens_lr_mult >= 0, "train.old_tokens_lr_mult", "must be >= 0 (0 freezes the old tokens)")
@@ -322,6 +348,7 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
     if world_size is not None:
         need(world_size % (p.tp * p.pp) == 0, "parallel",
              f"tp*pp = {p.tp}*{p.pp} does not divide the world size {world_size}")
+        t.accum_steps(world_size // (p.tp * p.pp))  # a global batch the data-parallel ranks cannot share
 
     d = cfg.data
     need(len(d.split.split(",")) == 3, "data.split", f"{d.split!r}: three comma-separated shares like '98,2,0'")

@@ -38,6 +38,7 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
 def deepspeed_config(cfg: Config, dp: int, precision: str, rank_params: int | None = None) -> dict:
     """rank_params: this rank's parameter count, which bounds ZeRO's gradient bucket (below)."""
     t, p = cfg.train, cfg.parallel
+    accum = t.accum_steps(dp)
     bucket = p.grad_bucket_size or (40_000_000 if p.overlap_grad_reduce else 500_000_000)  # DeepSpeed's: 5e8
     # ZeRO allocates its gradient bucket at full size at every backward (twice when overlapping) and frees it after
     # the step, whatever the model's size: memory the allocator must find next to the activations, and on a CPU a
@@ -47,8 +48,8 @@ def deepspeed_config(cfg: Config, dp: int, precision: str, rank_params: int | No
             "reduce_bucket_size": min(bucket, rank_params or bucket)}
     return {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": t.micro_batch_size * accum * dp,
         "gradient_clipping": t.clip_grad,
         # ZeRO-1 even at DP=1: with TP/PP it is the stage whose global grad norm is right (notes/stack-on-cpu.md).
         "zero_optimization": zero,
@@ -176,15 +177,15 @@ class Trainer:
         self._build_engine(groups)
 
         t = cfg.train
-        G = t.micro_batch_size * t.grad_accum_steps * self.layout.dp
+        G, accum = t.global_batch(self.layout.dp), t.accum_steps(self.layout.dp)
         if datasets is None:
             from .data.datasets import build_datasets
             cache = cfg.data.cache_dir or os.path.join(self.run_dir, "data_cache")
             datasets = build_datasets(cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length,
                                       t.seed, (t.steps * G, max(1, t.eval_iters * G), 0), self.tokenizer, cache)
         train_ds, valid_ds = datasets[0], datasets[1]
-        self.train_batches = Batches(train_ds, self.layout, t.micro_batch_size, t.grad_accum_steps, self.device)
-        self.valid_batches = Batches(valid_ds, self.layout, t.micro_batch_size, t.grad_accum_steps, self.device) \
+        self.train_batches = Batches(train_ds, self.layout, t.micro_batch_size, accum, self.device)
+        self.valid_batches = Batches(valid_ds, self.layout, t.micro_batch_size, accum, self.device) \
             if valid_ds is not None and len(valid_ds) > 0 else None
         self.tokens_per_step = G * cfg.model.seq_length
         self.flops_per_token = flops_per_token(cfg.model)
@@ -283,7 +284,7 @@ class Trainer:
                 total = out.detach().double() if total is None else total + out.detach().double()
                 self.engine.backward(out)
                 self.engine.step()
-            loss = self._dp_mean(total.item() / self.cfg.train.grad_accum_steps)
+            loss = self._dp_mean(total.item() / self.train_batches.accum)
         norm = self.engine.get_global_grad_norm()
         return loss, float(norm) if norm is not None else float("nan")
 

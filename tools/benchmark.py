@@ -54,7 +54,7 @@ def bench_mfu():
     if torch.cuda.is_available():  # the paper's sizes, bf16 against the GPU's own measured bf16 matmul peak
         # Without activation recomputation (MFU counts model FLOPs only); 8 x 2048 tokens fit an 80 GB GPU either way.
         # The CPU's small models would only measure start-up on a GPU. Plain runs first: the 45% target.
-        gpu = {"train.steps": 10, "train.micro_batch_size": 8, "train.grad_accum_steps": 1,
+        gpu = {"train.steps": 10, "train.micro_batch_size": 8, "train.global_batch_size": 8,
                "train.activation_checkpointing": False}
         variants += ((" fused", {"train.fused_pattention": True}),)
         runs = [(f"{n}{tag}", f"configs/tokenformer-{n}.yaml", {**gpu, **extra})

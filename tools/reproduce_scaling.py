@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         except ConfigError as e:
             print(f"error: {e} (tools/quickstart.sh makes the sample data)", file=sys.stderr)
             return 2
-    tokens_per_step = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.model.seq_length
+    tokens_per_step = cfg.train.global_batch(1) * cfg.model.seq_length  # one process
 
     def flops(t: dict) -> float:
         m = load_config("configs/debug.yaml", {**tokens(t), "model.vocab_size": 4096}).model

@@ -91,7 +91,7 @@ def rank_bytes_per_step(cfg, dp: int, stage: int, stage_layers: int, params: int
         return None
     from ..parallel.tensor_parallel import tp_bytes_per_step
     m, t, par = cfg.model, cfg.train, cfg.parallel
-    M, b, h, e = t.grad_accum_steps, t.micro_batch_size * m.seq_length, m.hidden_size, ACTIVATION_BYTES[precision]
+    M, b, h, e = t.accum_steps(dp), t.micro_batch_size * m.seq_length, m.hidden_size, ACTIVATION_BYTES[precision]
     reduce_e = 2 if precision == "bf16" and par.grad_reduce_dtype == "bf16" else 4
     first, last = stage == 0, stage == par.pp - 1
     sp = par.sequence_parallel and par.tp > 1

@@ -20,7 +20,7 @@ def _rank_run(config: str, overrides: dict) -> dict:
     cfg = load_config(config, {**overrides, "train.eval_interval": 0, "checkpoint.save_interval": 0})
     t = cfg.train
     vocab = cfg.model.vocab_size or 4096
-    n = t.steps * t.micro_batch_size * t.grad_accum_steps * 64
+    n = 64 * t.steps * (t.global_batch_size or t.micro_batch_size * (t.grad_accum_steps or 1))  # enough at any DP
     trainer = Trainer(cfg, datasets=(RandomTokens(n, cfg.model.seq_length, vocab), None), tokenizer=FixedVocab(vocab))
     trainer.save = lambda: None  # measuring steps, not checkpoints
     trainer.fit()
