@@ -75,7 +75,7 @@ def test_recomputed_gelu_gives_the_same_gradients(fused, dtype):
     got = []
     for recompute in (False, True):
         p = Pattention(32, 24, 80)
-        p.reset_parameters(torch.Generator().manual_seed(2))
+        p.reset_parameters(seed=2)
         p.to(dtype)
         p.fused, p.recompute = fused, recompute
         x = torch.randn(3, 11, 32, dtype=dtype, generator=torch.Generator().manual_seed(3)).requires_grad_()

@@ -69,8 +69,15 @@ def test_tp_equals_single_process(tp, kw, sp):
         assert torch.equal(w[name], ref_w[name]), name
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
     assert_close_to_scale(logits, ref_logits, 1e-5)
+    largest = max(g.abs().max().item() for g in ref_grads.values())
     for name, g in ref_grads.items():
-        assert_close_to_scale(grads[name], g, 1e-5, name)
+        # Each gradient within 1e-5 of its own scale; one over 1e4 times smaller than the model's largest is a
+        # difference of far larger terms (softmax's second-layer queries and keys at init: 2e-7 against 1e-2) and
+        # carries their fp32 rounding: within 1e-7 of the largest gradient (measured: 6e-9 of it).
+        if g.abs().max().item() >= 1e-4 * largest:
+            assert_close_to_scale(grads[name], g, 1e-5, name)
+        else:
+            assert (grads[name] - g).abs().max().item() <= 1e-7 * largest, name
 
 
 def _count_step_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool):

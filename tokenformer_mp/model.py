@@ -145,10 +145,12 @@ class Pattention(nn.Module):
         self._scale = int(self.scale_tokens)
         self._tau = math.sqrt(self._scale)
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """N(0, std) keys and values from `seed` (None: drawn from torch's global generator)."""
         self.scale_tokens.fill_(self._scale)  # after to_empty() from the meta device too
-        init_sharded_(self.key_tokens, self.key_std, generator)
-        init_sharded_(self.value_tokens, self.value_std, generator)
+        seed = _fresh_seed() if seed is None else seed
+        init_rows_(self.key_tokens, self.key_std, 2 * seed)
+        init_rows_(self.value_tokens, self.value_std, 2 * seed + 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)
@@ -180,16 +182,31 @@ def append_tokens(t: torch.Tensor, m: int, init: str, std: float, generator: tor
     return torch.cat([t, new], dim=0)
 
 
-def init_sharded_(p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
-    """N(0, std) drawn for the full tensor, then this rank's slice kept: the same seed gives the same global
-    weights at every tensor-parallel degree (parallel.tensor_parallel sets full_shape / shard_range)."""
-    full_shape = getattr(p, "full_shape", None) or tuple(p.shape)
-    full = torch.randn(full_shape, generator=generator, dtype=torch.float32).mul_(std)
-    if getattr(p, "shard_range", None) is not None:
-        start, end = p.shard_range
-        full = full.narrow(p.partition_dim, start, end - start)
+ROWS_PER_SEED = 256  # rows [k * 256, (k + 1) * 256) of a tensor come from a generator of their own
+
+
+def _fresh_seed() -> int:
+    return int(torch.randint(0, 2**62, ()))
+
+
+def init_rows_(p: torch.Tensor, std: float, seed: int) -> None:
+    """N(0, std) for the rows of a [rows, d] tensor this rank holds (parallel.tensor_parallel sets full_shape and
+    shard_range; unsharded, all of them), block k of ROWS_PER_SEED rows drawn from a generator seeded by (seed, k).
+    The same seed gives the same global tensor at every tensor-parallel degree, and a rank draws its own rows and at
+    most two part-blocks around them: the cost of initialising falls as 1/TP."""
+    rows = (getattr(p, "full_shape", None) or tuple(p.shape))[0]
+    start, end = getattr(p, "shard_range", None) or (0, rows)
+    if end == start:
+        return
+    first, last = start // ROWS_PER_SEED, -(-end // ROWS_PER_SEED)
+    blocks = []
+    for k in range(first, last):
+        n = min(ROWS_PER_SEED, rows - k * ROWS_PER_SEED)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + k) % 2**63)
+        blocks.append(torch.randn((n,) + tuple(p.shape[1:]), generator=g, dtype=torch.float32))
+    drawn = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
     with torch.no_grad():
-        p.copy_(full)
+        p.copy_(drawn[start - first * ROWS_PER_SEED:end - first * ROWS_PER_SEED].mul_(std))
 
 
 # --- the language model -----------------------------------------------------------------------------------------
@@ -326,8 +343,8 @@ class Embedding(nn.Module):
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        init_sharded_(self.weight, self.std, generator)
+    def reset_parameters(self, seed: int | None = None) -> None:
+        init_rows_(self.weight, self.std, _fresh_seed() if seed is None else seed)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, h]
         if self.weight.shape[0] == self.vocab_size:
@@ -423,13 +440,12 @@ class TokenFormer(nn.Module):
 
 
 def init_weights(module: nn.Module, seed: int, prefix: str = "") -> None:
-    """Deterministic init: one generator per module, seeded from (seed, canonical module name), so a layer gets the
-    same weights whether it lives in one process or on a pipeline stage / tensor-parallel rank."""
+    """Deterministic init: a seed per module from (seed, canonical module name), so a layer gets the same weights
+    whether it lives in one process or on a pipeline stage / tensor-parallel rank."""
     for name, sub in module.named_modules():
         full = f"{prefix}{name}"
         if isinstance(sub, (Pattention, Embedding)):
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(full.encode()))
-            sub.reset_parameters(g)
+            sub.reset_parameters(seed * 1_000_003 + zlib.crc32(full.encode()))
         elif isinstance(sub, nn.LayerNorm):
             sub.reset_parameters()
 

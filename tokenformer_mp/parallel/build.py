@@ -9,7 +9,9 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..model import Block, Embedding, FinalNorm, TokenFormer, init_weights, lm_loss
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+from ..model import Block, Embedding, FinalNorm, TokenFormer, count_params, init_weights, lm_loss
 from .tensor_parallel import apply_tensor_parallel, vocab_parallel_lm_loss
 
 
@@ -57,6 +59,10 @@ class EmbeddingPipe(Embedding):
             super().__init__(cfg)
         materialize(self, tp_group, seed, "embed", sequence_parallel)
 
+    @staticmethod
+    def param_count(cfg: ModelConfig, *_) -> int:
+        return count_params(cfg)["embedding_params"]
+
 
 class BlockPipe(Block):
     def __init__(self, cfg: ModelConfig, layer_idx: int, seed: int, tp_group, sequence_parallel: bool):
@@ -64,11 +70,19 @@ class BlockPipe(Block):
             super().__init__(cfg, layer_idx)
         materialize(self, tp_group, seed, f"layers.{layer_idx}.", sequence_parallel)
 
+    @staticmethod
+    def param_count(cfg: ModelConfig, *_) -> int:
+        return count_params(cfg)["non_embedding_params"] // cfg.num_layers
+
 
 class FinalNormPipe(FinalNorm):
     def __init__(self, cfg: ModelConfig, tp_group, sequence_parallel: bool):
         super().__init__(cfg.hidden_size, eps=cfg.layernorm_eps)
         apply_tensor_parallel(self, tp_group, sequence_parallel)
+
+    @staticmethod
+    def param_count(cfg: ModelConfig, *_) -> int:
+        return 2 * cfg.hidden_size
 
 
 def _head(embed: Embedding, h: torch.Tensor) -> torch.Tensor:
@@ -80,9 +94,17 @@ def _pipe_loss(loss_fn, logits, labels):
     return loss_fn(logits, labels, loss_mask)
 
 
+class TokenFormerPipeline(PipelineModule):
+    """DeepSpeed's PipelineModule with its stages balanced by each layer's unsharded parameter count, computed from
+    the config. DeepSpeed's own count builds (allocates and initialises) every layer of the model on every rank just
+    to count it, and with uneven token shards TP ranks would count, and partition, differently."""
+
+    def _count_layer_params(self) -> list[int]:
+        return [spec.typename.param_count(*spec.module_args) for spec in self._layer_specs]
+
+
 def build_pipeline(cfg: ModelConfig, seed: int, tp_group, topology, activation_checkpointing: bool,
                    sequence_parallel: bool = False):
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     sp = sequence_parallel
     specs = [TiedLayerSpec("embed", EmbeddingPipe, cfg, seed, tp_group, sp, tied_weight_attr="weight")]
@@ -95,7 +117,7 @@ def build_pipeline(cfg: ModelConfig, seed: int, tp_group, topology, activation_c
     # no_grad: PipelineModule broadcasts the tied embedding in place, which grad mode would record on the parameter
     # (torch then warns at every backward that c10d::broadcast_ has no autograd kernel)
     with torch.no_grad():
-        return PipelineModule(
+        return TokenFormerPipeline(
             layers=specs, loss_fn=partial(_pipe_loss, loss_fn), topology=topology, partition_method="parameters",
             activation_checkpoint_interval=1 if activation_checkpointing else 0,
             activation_checkpoint_func=partial(torch.utils.checkpoint.checkpoint, use_reentrant=False))
