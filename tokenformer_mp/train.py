@@ -136,11 +136,11 @@ class MetricsWriter:
 class Trainer:
     def __init__(self, cfg: Config, datasets=None, tokenizer=None):
         """datasets/tokenizer: given ones replace those named by cfg.data (tests, notebooks)."""
-        from .parallel import groups
+        self.cfg = cfg
+        validate(cfg, check_paths=datasets is None, check_env=True)  # before any process group or allocation
+        from .parallel import groups  # megatron-core: 3 s of imports, after a bad config was refused
         from .parallel.launch import init_distributed, local_rank, pick_device
 
-        self.cfg = cfg
-        validate(cfg, check_paths=datasets is None)  # before any process group or allocation
         self.device = pick_device(cfg.train.device, local_rank())
         le = init_distributed(self.device)
         validate(cfg, check_paths=False, world_size=le.world_size)
@@ -294,16 +294,34 @@ class Trainer:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
 
     def save(self) -> None:
+        """A checkpoint of this step, unless any rank holds a non-finite parameter or optimizer state: that is never
+        saved (nor made `latest`, nor allowed to prune a good checkpoint away)."""
         from .checkpoint import save_checkpoint
+        bad = self._ranks_with_nonfinite_state()
+        if bad:
+            raise TrainingDiverged(f"step {self.step}: non-finite parameters or optimizer state on rank(s) {bad}; "
+                                   f"not saved. The last good checkpoint in {self.ckpt_dir} is kept.")
         save_checkpoint(self, self.ckpt_dir, self.step, self.cfg.checkpoint.keep_last)
+
+    def _ranks_with_nonfinite_state(self) -> list[int]:
+        """Ranks whose parameters or optimizer state (ZeRO's fp32 partition and Adam moments) hold a NaN or inf,
+        agreed by all ranks: each holds other tensors (TP/PP shards, ZeRO partitions)."""
+        base = getattr(self.optimizer, "optimizer", self.optimizer)
+        held = list(self.model.parameters()) + [v for st in base.state.values() for v in st.values()
+                                                 if torch.is_tensor(v) and v.is_floating_point()]
+        ok = torch.stack([torch.isfinite(t).all() for t in held]).all().to(torch.int64).reshape(1)
+        flags = [torch.empty_like(ok) for _ in range(self.layout.world)] if self.layout.world > 1 else [ok]
+        if self.layout.world > 1:
+            dist.all_gather(flags, ok)
+        return [r for r, f in enumerate(flags) if not f.item()]
 
     def maybe_resume(self) -> None:
         """The run directory's own latest checkpoint, else checkpoint.load, else nothing. checkpoint.load is where a
         run starts (a grown or resharded checkpoint), so the same command, requeued after preemption, continues from
         the run's own progress instead of starting over from it (torchtitan's initial_load_path, Megatron's
         --pretrained-checkpoint)."""
-        from .checkpoint import load_checkpoint
-        own = self.ckpt_dir if os.path.exists(os.path.join(self.ckpt_dir, "latest")) else None
+        from .checkpoint import has_checkpoints, load_checkpoint
+        own = self.ckpt_dir if has_checkpoints(self.ckpt_dir) else None
         src = own or self.cfg.checkpoint.load
         if own and self.cfg.checkpoint.load and self.is_logger:
             log.info("checkpoint.load %s is where the run started; it continues from its own checkpoints in %s",
@@ -358,7 +376,9 @@ class Trainer:
             start = time.perf_counter()
             loss, norm = self.train_step()
             elapsed = time.perf_counter() - start
-            skipped = getattr(self.engine, "skipped_steps", 0) > skipped_before  # fp16 overflow
+            # Only fp16's dynamic loss scale skips a step by design (overflow: scale lowered, step retried). DeepSpeed's
+            # ZeRO counts a skip for an infinite grad norm in fp32 and bf16 too: there it is divergence.
+            skipped = self.precision == "fp16" and getattr(self.engine, "skipped_steps", 0) > skipped_before
             if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
                 raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {norm} is not finite; stopping. "
                                        f"The last good checkpoint in {self.ckpt_dir} is kept.")
