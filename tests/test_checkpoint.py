@@ -457,30 +457,39 @@ def test_kill_9_in_a_save_then_sigterm_with_keep_last_1_leaves_a_complete_checkp
     assert [h["step"] for h in hist] == [stopped + 1]
 
 
-def _save_with_nan_on_rank_1(overrides: dict) -> str:
+def _save_with_nan(overrides: dict) -> list[str]:
+    """A NaN in the model's copy of a parameter on rank 1, then (that one repaired) in ZeRO's fp32 partition (the
+    master weights) on rank 0: what each save attempt says."""
     from tokenformer_mp.config import load_config
     from tokenformer_mp.train import Trainer, TrainingDiverged, shutdown
     trainer = Trainer(load_config("configs/debug.yaml", overrides))
     trainer.fit()  # one step, saved
     trainer.step += 1
-    if trainer.layout.rank == 1:
+    model_copy = dict(trainer.model.named_parameters())["layers.0.ffn.value_tokens"]
+    master = trainer.optimizer.optimizer.param_groups[0]["params"][0]
+    out = []
+    for rank, tensor in ((1, model_copy), (0, master)):
         with torch.no_grad():
-            dict(trainer.model.named_parameters())["layers.0.ffn.value_tokens"][3, 5] = float("nan")
-    try:
-        trainer.save()
-        return "saved"
-    except TrainingDiverged as e:
-        return str(e)
-    finally:
-        shutdown()
+            old = tensor.view(-1)[7].item()
+            if trainer.layout.rank == rank:
+                tensor.view(-1)[7] = float("nan")
+            try:
+                trainer.save()
+                out.append("saved")
+            except TrainingDiverged as e:
+                out.append(str(e))
+            tensor.view(-1)[7] = old
+    shutdown()
+    return out
 
 
 def test_nonfinite_state_is_never_saved(minipile, tmp_path):
-    """A NaN in the rows one TP rank holds: both ranks refuse the save (agreed), `latest` and the last good
-    checkpoint stay."""
-    msgs = run_ranks(2, _save_with_nan_on_rank_1, debug_overrides(minipile, tmp_path, **{
-        "train.steps": 1, "parallel.tp": 2}))
-    assert msgs[0] == msgs[1] and "step 2: non-finite parameters or optimizer state on rank(s) [1]; not saved" in msgs[0]
+    """A NaN in the rows one TP rank holds, in the model's copy or in ZeRO's fp32 master: both ranks refuse the save
+    (agreed), `latest` and the last good checkpoint stay."""
+    msgs = run_ranks(2, _save_with_nan, debug_overrides(minipile, tmp_path, **{"train.steps": 1, "parallel.tp": 2}))
+    assert msgs[0] == msgs[1], msgs
+    for rank, msg in zip((1, 0), msgs[0]):
+        assert f"step 2: non-finite parameters or optimizer state on rank(s) [{rank}]; not saved" in msg, msg
     assert read_latest(str(tmp_path / "checkpoints")) == "global_step1"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("global_step*")) == ["global_step1"]
 

@@ -304,11 +304,11 @@ class Trainer:
         save_checkpoint(self, self.ckpt_dir, self.step, self.cfg.checkpoint.keep_last)
 
     def _ranks_with_nonfinite_state(self) -> list[int]:
-        """Ranks whose parameters or optimizer state (ZeRO's fp32 partition and Adam moments) hold a NaN or inf,
-        agreed by all ranks: each holds other tensors (TP/PP shards, ZeRO partitions)."""
-        base = getattr(self.optimizer, "optimizer", self.optimizer)
-        held = list(self.model.parameters()) + [v for st in base.state.values() for v in st.values()
-                                                 if torch.is_tensor(v) and v.is_floating_point()]
+        """Ranks whose parameters or optimizer state (the model's copy, ZeRO's fp32 partition and its Adam moments)
+        hold a NaN or inf, agreed by all ranks: each holds other tensors (TP/PP shards, ZeRO partitions)."""
+        base = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch AdamW over ZeRO's fp32 partitions
+        held = list(self.model.parameters()) + [p for g in base.param_groups for p in g["params"]]
+        held += [v for st in base.state.values() for v in st.values() if torch.is_tensor(v) and v.is_floating_point()]
         ok = torch.stack([torch.isfinite(t).all() for t in held]).all().to(torch.int64).reshape(1)
         flags = [torch.empty_like(ok) for _ in range(self.layout.world)] if self.layout.world > 1 else [ok]
         if self.layout.world > 1:
