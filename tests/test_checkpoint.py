@@ -1,10 +1,13 @@
 """Layout-free checkpoints: reshard round trips, function-preserving expansion, import/export, crash safety."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +268,275 @@ def test_old_tokens_rule_without_growth_is_a_clear_error(minipile, tmp_path):
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2, res.stderr
     assert "train.old_tokens_lr_mult=0.0" in res.stderr and "grown_from" in res.stderr, res.stderr
+
+
+# --- training checkpoints: completion records, pruning by save order, resume from the newest intact one ----------
+
+@pytest.fixture(scope="module")
+def saved_run(minipile, tmp_path_factory):
+    """4 steps saved at every step with checkpoint.keep_last 0 (keep all) and eval_interval 0; the history."""
+    run = tmp_path_factory.mktemp("saved") / "run"
+    hist = run_ranks(1, train, debug_overrides(minipile, run, **{
+        "train.steps": 4, "checkpoint.save_interval": 1, "checkpoint.keep_last": 0}))[0]
+    return run, hist
+
+
+def _copy_run(saved_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(saved_run[0], run)
+    return run
+
+
+def _flip(path, offset=-1):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_zero_means_keep_all_and_never_validate(saved_run):
+    """checkpoint.keep_last 0 keeps every checkpoint; train.eval_interval 0 never validates; each is complete."""
+    from tokenformer_mp.checkpoint import scan
+    run, hist = saved_run
+    complete, partial = scan(str(run / "checkpoints"))
+    assert [(seq, tag) for seq, tag, _ in complete] == [(s, f"global_step{s}") for s in (1, 2, 3, 4)] and not partial
+    assert not any("val_loss" in h for h in hist)
+
+
+def test_save_interval_zero_saves_only_at_the_end(minipile, tmp_path):
+    run_ranks(1, train, debug_overrides(minipile, tmp_path, **{"train.steps": 3, "checkpoint.save_interval": 0}))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("global_step*")) == ["global_step3"]
+
+
+def test_pruning_goes_by_save_order_and_completion(tmp_path, caplog):
+    """keep_last 1 after a restart from scratch (latest lost): the new checkpoint is kept although older ones have
+    higher step numbers; a half-written directory (no completion record) is removed, naming it; `latest` is kept."""
+    import logging
+    from tokenformer_mp.checkpoint import COMPLETE, prune, write_atomic
+    ckpt = tmp_path / "checkpoints"
+    for seq, step in ((1, 15), (2, 18), (3, 4)):
+        (ckpt / f"global_step{step}").mkdir(parents=True)
+        write_atomic(str(ckpt / f"global_step{step}" / COMPLETE), json.dumps({"seq": seq, "files": {}}))
+    (ckpt / "global_step20").mkdir()
+    (ckpt / "global_step20" / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    (ckpt / "latest").write_text("global_step4")
+    with caplog.at_level(logging.WARNING, logger="tokenformer_mp"):
+        prune(str(ckpt), keep_last=1)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["global_step4", "latest"]
+    assert f"removing {ckpt / 'global_step20'}: no completion record" in caplog.text
+
+
+def _choose_under_damage(root: str, variants: list[str]) -> list[tuple[str, str]]:
+    """On each rank of a world: for each variant, a copy of root damaged so, and (chosen tag or error, log)."""
+    import logging
+    import torch.distributed as dist
+    from tokenformer_mp.checkpoint import CheckpointError, choose_checkpoint
+    dist.init_process_group("gloo")
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())
+    logging.getLogger("tokenformer_mp").addHandler(handler)
+    out = []
+    for i, variant in enumerate(variants):
+        ckpt = f"{root}/v{i}"
+        if dist.get_rank() == 0:
+            shutil.copytree(f"{root}/checkpoints", ckpt)
+            latest = os.path.join(ckpt, "latest")
+            if variant == "garbage":
+                open(latest, "wb").write(b"\x00\xff\xfe garbage")
+            elif variant == "empty":
+                open(latest, "w").close()
+            elif variant == "missing":
+                os.remove(latest)
+            elif variant == "names_missing":
+                open(latest, "w").write("global_step9")
+            elif variant == "incomplete":
+                os.remove(os.path.join(ckpt, "global_step4", "complete.json"))
+            elif variant in ("flip_pt", "flip_tensor", "all_corrupt"):
+                tags = ["global_step4"] if variant != "all_corrupt" else [f"global_step{s}" for s in (1, 2, 3, 4)]
+                for tag in tags:
+                    name = ("layout_free/tensors/final_norm.bias.safetensors" if variant == "flip_tensor"
+                            else "mp_rank_00_model_states.pt")
+                    path = Path(ckpt) / tag / name
+                    _flip(path, offset=path.stat().st_size // 2)
+        dist.barrier()
+        records.clear()
+        try:
+            out.append((choose_checkpoint(ckpt), " | ".join(records)))
+        except CheckpointError as e:
+            out.append(("error", str(e)))
+    dist.destroy_process_group()
+    return out
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(saved_run, tmp_path):
+    """A bad, empty or missing `latest`, one naming a missing or incomplete checkpoint, a flipped byte in a DeepSpeed
+    or tensor file: every rank (2, each verifying half the files) agrees on the newest intact checkpoint and the log
+    says why; none intact: one error naming the directory and each problem."""
+    shutil.copytree(saved_run[0] / "checkpoints", tmp_path / "checkpoints")
+    variants = ["none", "garbage", "empty", "missing", "names_missing", "incomplete", "flip_pt", "flip_tensor",
+                "all_corrupt"]
+    ranks = run_ranks(2, _choose_under_damage, str(tmp_path), variants)
+    assert [tag for tag, _ in ranks[0]] == [tag for tag, _ in ranks[1]]
+    got = dict(zip(variants, ranks[0]))
+    c = tmp_path
+    expected = {
+        "none": ("global_step4", ""),
+        "garbage": ("global_step4", f"{c}/v1/latest holds "),
+        "empty": ("global_step4", f"{c}/v2/latest is empty"),
+        "missing": ("global_step4", f"{c}/v3/latest is missing"),
+        "names_missing": ("global_step4", f"{c}/v4/latest names global_step9, which does not exist"),
+        "incomplete": ("global_step3", f"{c}/v5/latest names global_step4, which has no valid completion record"),
+        "flip_pt": ("global_step3", f"{c}/v6/global_step4: mp_rank_00_model_states.pt: checksum mismatch"),
+        "flip_tensor": ("global_step3", f"{c}/v7/global_step4: layout_free/tensors/final_norm.bias.safetensors: "
+                                        f"checksum mismatch"),
+        "all_corrupt": ("error", f"{c}/v8: no intact complete checkpoint to resume from"),
+    }
+    for variant, (tag, message) in expected.items():
+        assert got[variant][0] == tag and message in got[variant][1], (variant, got[variant])
+    assert "resuming from the newest intact checkpoint" in got["flip_pt"][1]
+    assert all(f"{c}/v8/global_step{s}: mp_rank_00_model_states.pt: checksum mismatch" in got["all_corrupt"][1]
+               for s in (1, 2, 3, 4))
+
+
+def test_flipped_byte_in_a_deepspeed_file_resumes_from_the_previous_checkpoint_exactly(minipile, saved_run, tmp_path):
+    """The trainer's own resume: global_step4's model states corrupted -> it says so, continues from global_step3,
+    and step 4 again equals the first run's step 4 bit for bit; the step-4 checkpoint it saves is whole."""
+    from tests.test_training import _args
+    from tokenformer_mp.checkpoint import verify
+    run = _copy_run(saved_run, tmp_path)
+    pt = run / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt"
+    _flip(pt, offset=pt.stat().st_size // 2)
+    res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml",
+                          *_args(debug_overrides(minipile, run, **{"train.steps": 5, "checkpoint.save_interval": 1}))],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (f"{run}/checkpoints/global_step4: mp_rank_00_model_states.pt: checksum mismatch (corrupt); resuming "
+            f"from the newest intact checkpoint, {run}/checkpoints/global_step3") in res.stdout, res.stdout[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5]
+    assert rows[4]["loss"] == saved_run[1][3]["loss"] and rows[4]["grad_norm"] == saved_run[1][3]["grad_norm"]
+    verify(str(run / "checkpoints" / "global_step4" / "layout_free"))
+
+
+def test_kill_9_in_a_save_then_sigterm_with_keep_last_1_leaves_a_complete_checkpoint(minipile, tmp_path):
+    """The sequence that once left no complete checkpoint (keep_last 1): a kill -9 while saving, a restart stopped
+    by SIGTERM, a start again. The kill lands at an arbitrary moment, so the half-written directory a kill inside a
+    save leaves is also planted, for a later step (it sorts above the complete ones, as step 20 above 15 and 18)."""
+    from tests.test_training import _args
+    from tokenformer_mp.checkpoint import scan
+
+    run, step_of = tmp_path / "run", lambda: int((read_latest(str(tmp_path / "run" / "checkpoints")) or "0")[11:] or 0)
+    cmd = [sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *_args(debug_overrides(
+        minipile, run, **{"train.steps": 200, "checkpoint.save_interval": 1, "checkpoint.keep_last": 1}))]
+
+    def start_and_wait_past(step: int) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while time.time() < deadline and step_of() <= step and proc.poll() is None:
+            time.sleep(0.1)
+        assert step_of() > step, "no checkpoint saved in time"
+        return proc
+
+    proc = start_and_wait_past(1)
+    time.sleep(0.37)  # somewhere inside a later step or save
+    proc.kill()
+    proc.wait()
+    killed = step_of()
+    half = run / "checkpoints" / f"global_step{killed + 50}"
+    half.mkdir(exist_ok=True)
+    pt = run / "checkpoints" / f"global_step{killed}" / "mp_rank_00_model_states.pt"
+    (half / pt.name).write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+
+    proc = start_and_wait_past(killed)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 124
+    complete, partial = scan(str(run / "checkpoints"))
+    stopped = step_of()
+    assert stopped > killed and [tag for _, tag, _ in complete] == [f"global_step{stopped}"] and not partial
+    hist = run_ranks(1, train, debug_overrides(minipile, run, **{"train.steps": stopped + 1}))[0]
+    assert [h["step"] for h in hist] == [stopped + 1]
+
+
+def _save_with_nan(overrides: dict) -> list[str]:
+    """A NaN in the model's copy of a parameter on rank 1, then (that one repaired) in ZeRO's fp32 partition (the
+    master weights) on rank 0: what each save attempt says."""
+    from tokenformer_mp.config import load_config
+    from tokenformer_mp.train import Trainer, TrainingDiverged, shutdown
+    trainer = Trainer(load_config("configs/debug.yaml", overrides))
+    trainer.fit()  # one step, saved
+    trainer.step += 1
+    model_copy = dict(trainer.model.named_parameters())["layers.0.ffn.value_tokens"]
+    master = trainer.optimizer.optimizer.param_groups[0]["params"][0]
+    out = []
+    for rank, tensor in ((1, model_copy), (0, master)):
+        with torch.no_grad():
+            old = tensor.view(-1)[7].item()
+            if trainer.layout.rank == rank:
+                tensor.view(-1)[7] = float("nan")
+            try:
+                trainer.save()
+                out.append("saved")
+            except TrainingDiverged as e:
+                out.append(str(e))
+            tensor.view(-1)[7] = old
+    shutdown()
+    return out
+
+
+def test_nonfinite_state_is_never_saved(minipile, tmp_path):
+    """A NaN in the rows one TP rank holds, in the model's copy or in ZeRO's fp32 master: both ranks refuse the save
+    (agreed), `latest` and the last good checkpoint stay."""
+    msgs = run_ranks(2, _save_with_nan, debug_overrides(minipile, tmp_path, **{"train.steps": 1, "parallel.tp": 2}))
+    assert msgs[0] == msgs[1], msgs
+    for rank, msg in zip((1, 0), msgs[0]):
+        assert f"step 2: non-finite parameters or optimizer state on rank(s) [{rank}]; not saved" in msg, msg
+    assert read_latest(str(tmp_path / "checkpoints")) == "global_step1"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("global_step*")) == ["global_step1"]
+
+
+def _load_damaged(overrides: dict, paths: list[str]) -> list[str]:
+    from tokenformer_mp.checkpoint import load_checkpoint
+    from tokenformer_mp.config import load_config
+    from tokenformer_mp.train import Trainer, shutdown
+    trainer = Trainer(load_config("configs/debug.yaml", overrides))
+    out = []
+    for path in paths:
+        try:
+            load_checkpoint(trainer, path)
+            out.append("loaded")
+        except CheckpointError as e:
+            out.append(str(e))
+    shutdown()
+    return out
+
+
+def test_trainer_refuses_a_damaged_layout_free_tensor(minipile, saved_run, tmp_path):
+    """checkpoint.load of a layout-free checkpoint with a flipped byte, a truncated file or a flipped header byte:
+    one error naming the tensor and the file (at TP=2, where each rank reads its rows)."""
+    from tests.test_bad_inputs import damage
+    paths = []
+    for how in ("flip", "truncate", "header"):
+        path = tmp_path / how
+        shutil.copytree(saved_run[0] / "checkpoints" / "global_step4" / "layout_free", path)
+        damage(path / "tensors" / "layers.1.ffn.key_tokens.safetensors", how)
+        paths.append(str(path))
+    msgs = run_ranks(2, _load_damaged, debug_overrides(minipile, tmp_path / "run", **{"parallel.tp": 2}), paths)
+    for path, msg in zip(paths, msgs[0]):
+        assert msg.startswith(f"{path}/tensors/layers.1.ffn.key_tokens.safetensors: tensor layers.1.ffn.key_tokens: "
+                              f"checksum mismatch"), msg
+
+
+def test_inspect_verify_covers_deepspeed_files(saved_run, tmp_path, capsys):
+    """tools/inspect_checkpoint.py --verify checks every file of a training checkpoint, DeepSpeed's too."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("inspect_tool", REPO / "tools" / "inspect_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    run = _copy_run(saved_run, tmp_path)
+    assert tool.main([str(run / "checkpoints"), "--verify"]) == 0
+    assert "checksums: all ok (" in capsys.readouterr().out
+    pt = run / "checkpoints" / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    _flip(pt, offset=pt.stat().st_size // 2)
+    assert tool.main([str(run / "checkpoints"), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run}/checkpoints/global_step4: zero_pp_rank_0_mp_rank_00_optim_states.pt: checksum mismatch" in err

@@ -56,6 +56,13 @@ def test_missing_data_and_tokenizer(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.prefixes\[0\]: .*nope\.bin does not exist"):
         validate(cfg)
     (tmp_path / "d.bin").write_bytes(b""); (tmp_path / "d.idx").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"data\.prefixes\[0\]: .*d\.idx: not a megatron-core index"):
+        validate(load_config("configs/tokenformer-150m.yaml", {"data.prefixes": [str(tmp_path / "d")]}))
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    builder = IndexedDatasetBuilder(str(tmp_path / "d.bin"), dtype=np.uint16)
+    builder.add_document(np.arange(10, dtype=np.uint16), [10])
+    builder.finalize(str(tmp_path / "d.idx"))
     cfg = load_config("configs/tokenformer-150m.yaml", {"data.prefixes": [str(tmp_path / "d")],
                                                         "data.tokenizer_model": str(tmp_path / "tok.json")})
     with pytest.raises(ConfigError, match=r"data\.tokenizer_model"):

@@ -386,3 +386,78 @@ def test_two_ranks_build_the_same_samples(neox_prefix, val_prefix, neox, tmp_pat
         p.join(timeout=60)
         assert p.exitcode == 0
     assert results == {0: expected, 1: expected}
+
+
+def test_truncated_zst_is_an_error_unless_allowed(bad_inputs, tmp_path, capsys):
+    """A .zst cut mid-stream: an error naming the file (nothing written); with --allow-truncated the documents
+    before the cut are kept and the summary says what was lost."""
+    import importlib.util
+    _, cut, zst_texts = bad_inputs
+    tmp_path = tmp_path / "out"
+    tmp_path.mkdir()
+    with pytest.raises(ValueError, match=f"{cut}: corrupt or truncated zstd stream after line [0-9]+ "
+                                         r"\(([0-9]+) documents read from it\).*bytes lost; pass --allow-truncated"):
+        preprocess([str(cut)], str(tmp_path / "strict"), "HFTokenizer", NEOX, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    spec = importlib.util.spec_from_file_location("preprocess_tool", REPO / "tools" / "preprocess_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main(["--input", str(cut), "--output-prefix", str(tmp_path / "kept"), "--tokenizer-type",
+                      "HFTokenizer", "--tokenizer-model", NEOX, "--workers", "1", "--allow-truncated"]) == 0
+    kept = len(IndexedDataset(str(tmp_path / "kept_text_document")))
+    assert 0 < kept < len(zst_texts)
+    out = capsys.readouterr().out
+    assert f"truncated input (--allow-truncated): {cut}: corrupt or truncated zstd stream" in out
+    assert f"({kept} documents read from it)" in out and "bytes lost" in out, out
+
+
+def test_rerun_removes_what_a_killed_run_left(tmp_path):
+    """kill -9 while preprocessing leaves {prefix}.tmpPID.bin and a scratch directory named after the output; the
+    next run of the same output removes both and writes a whole dataset."""
+    import glob
+    import tempfile
+    import time
+
+    from tokenformer_mp.data.preprocess import scratch_prefix
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "tools/preprocess_data.py", "--input", TINY, TINY, TINY, TINY, "--output-prefix", out,
+           "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX, "--workers", "1", "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def leftovers():
+        return (glob.glob(f"{out}_text_document.tmp*") +
+                glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(scratch_prefix(out)) + "*")))
+    deadline = time.time() + 120
+    while time.time() < deadline and len(leftovers()) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    left = leftovers()
+    assert any(p.endswith(".bin") for p in left) and any(os.path.isdir(p) for p in left), left
+    stats = preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=10, progress=False)
+    assert not any(os.path.exists(p) for p in left) and not leftovers()
+    assert len(IndexedDataset(stats["outputs"]["text"])) == 10
+
+
+def test_torn_dataset_cache_is_rebuilt(neox_prefix, val_prefix, neox, tmp_path, caplog):
+    """A cache a killed build left torn (an index array cut short, a set missing its description) and a staging
+    directory of a dead build: detected, named, removed, rebuilt; the samples are the same."""
+    import socket
+
+    from tokenformer_mp.data.datasets import CACHE_NAME, npy_problem
+    cache = tmp_path / "cache"
+    first = tokens_of(blend([neox_prefix, val_prefix], 1234, str(cache), neox)[0], 20)
+    names = sorted(p.name for p in cache.iterdir())
+    assert names and all(CACHE_NAME.match(n) for n in names)  # no staging left behind
+    shuffle = next(cache.glob("*-GPTDataset-train-shuffle_index.npy"))
+    shuffle.write_bytes(shuffle.read_bytes()[: shuffle.stat().st_size // 2])
+    next(cache.glob("*-BlendedDataset-valid-description.txt")).unlink()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (cache / f".build.{socket.gethostname()}.{int(dead.stdout)}").mkdir()
+    with caplog.at_level(logging.WARNING, logger="tokenformer_mp.data.datasets"):
+        again = tokens_of(blend([neox_prefix, val_prefix], 1234, str(cache), neox)[0], 20)
+    assert again == first
+    assert f"{shuffle.name[: -len('-shuffle_index.npy')]}-*: shuffle_index.npy: " in caplog.text
+    assert "(a torn write); removed, it is rebuilt" in caplog.text and "description.txt missing" in caplog.text
+    assert sorted(p.name for p in cache.iterdir()) == names
+    assert all(npy_problem(str(p)) is None for p in cache.glob("*.npy"))

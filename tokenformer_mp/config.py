@@ -8,11 +8,15 @@ import dataclasses
 import difflib
 import math
 import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
 
 import yaml
+
+from .data.indexed import check_indexed_dataset
+from .tokenizer import build_tokenizer
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 PATTENTION_KINDS = ("qkv", "proj", "ffn")
@@ -264,17 +268,41 @@ def _scalar(raw: str):
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the later one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} given twice (first on line "
+                                  f"{seen[key] + 1}); the later one would silently win: keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | None = None, overrides: dict[str, object] | None = None) -> Config:
     """YAML file (or defaults) + dotted overrides -> Config, checked for structure (validate() checks meaning)."""
     data: dict = {}
     if path is not None:
         if not os.path.exists(path):
             raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if os.path.isdir(path):
+            raise ConfigError(f"{path}: is a directory, not a YAML config file")
+        try:
+            with open(path) as f:
+                data = yaml.load(f, Loader=_UniqueKeyLoader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: cannot read it: {e}") from None
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level is a {type(data).__name__}, expected a mapping of sections "
+                              f"(model:, data:, train:, parallel:, checkpoint:, run_dir:)")
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     try:
@@ -291,14 +319,24 @@ def pad_vocab(vocab: int, multiple: int) -> int:
     return int(math.ceil(vocab / multiple) * multiple)
 
 
-def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | None = None,
-             world_size: int | None = None) -> None:
-    """Everything that can be known before any process group or allocation. Raises ConfigError naming the key."""
+def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = None,
+             tokenizer_vocab: int | None = None, world_size: int | None = None) -> None:
+    """Everything that can be known before any process group or allocation. Raises ConfigError naming the key.
+
+    check_paths: the data prefixes (.bin/.idx, the index read) and the tokenizer file (loaded as its type).
+    check_env (default: check_paths): this machine can run it (device, precision) and run_dir can be written."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
 
     def need(cond: bool, key: str, msg: str):
         if not cond:
             raise ConfigError(f"{key}: {msg}")
+
+    for name, section in (("model", m), ("data", cfg.data), ("train", t), ("parallel", p),
+                          ("checkpoint", cfg.checkpoint)):
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            need(all(not isinstance(x, float) or math.isfinite(x) for x in (v if isinstance(v, list) else [v])),
+                 f"{name}.{f.name}", f"{v} is not a finite number")
 
     for key in ("num_layers", "hidden_size", "num_heads", "seq_length") + tuple(f"{k}_tokens" for k in PATTENTION_KINDS):
         need(getattr(m, key) > 0, f"model.{key}", "must be positive")
@@ -313,9 +351,16 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
     for k in PATTENTION_KINDS:
         s = getattr(m, f"{k}_scale_tokens")
         need(s is None or s > 0, f"model.{k}_scale_tokens", "must be positive")
+    need(m.vocab_size is None or m.vocab_size > 0, "model.vocab_size", f"{m.vocab_size}: must be positive (or null: "
+         f"the tokenizer's, padded)")
+    need(m.pad_vocab_multiple >= 1, "model.pad_vocab_multiple", f"{m.pad_vocab_multiple}: must be >= 1")
     if m.vocab_size is not None and tokenizer_vocab is not None:
         need(tokenizer_vocab <= m.vocab_size, "model.vocab_size",
              f"the tokenizer has {tokenizer_vocab} ids, more than the embedding's {m.vocab_size} rows")
+
+    need(m.rotary_base > 0, "model.rotary_base", f"{m.rotary_base}: must be positive")
+    need(m.layernorm_eps > 0, "model.layernorm_eps", f"{m.layernorm_eps}: must be positive")
+    need(m.init_std > 0, "model.init_std", f"{m.init_std}: must be positive")
 
     need(t.steps > 0, "train.steps", "must be positive")
     need(t.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
@@ -324,7 +369,23 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
     if t.global_batch_size is not None and t.grad_accum_steps is not None:
         t.accum_steps(1)  # the error that says: one of them
     need(0 <= t.warmup_steps, "train.warmup_steps", "must be >= 0")
+    need(t.lr > 0, "train.lr", f"{t.lr}: must be positive (the schedule is relative to it), e.g. 6e-4")
+    need(t.min_lr >= 0, "train.min_lr", f"{t.min_lr}: must be within [0, train.lr]")
     need(t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} is above train.lr {t.lr}")
+    for key in ("beta1", "beta2"):
+        need(0 <= getattr(t, key) < 1, f"train.{key}", f"{getattr(t, key)}: must be within [0, 1), e.g. 0.9 / 0.95")
+    need(t.adam_eps > 0, "train.adam_eps", f"{t.adam_eps}: must be positive (0 divides 0 by 0 where a gradient is 0)")
+    need(t.weight_decay >= 0, "train.weight_decay", f"{t.weight_decay}: must be >= 0 (0: no decay)")
+    need(t.clip_grad >= 0, "train.clip_grad", f"{t.clip_grad}: must be >= 0 (0: no clipping)")
+    need(0 <= t.seed < 2**32, "train.seed", f"{t.seed}: must be within [0, 2**32)")
+    need(t.log_interval >= 1, "train.log_interval", f"{t.log_interval}: must be >= 1 (a log line every N steps)")
+    need(t.eval_interval >= 0, "train.eval_interval", f"{t.eval_interval}: must be >= 0 (0: never validate)")
+    need(t.eval_iters >= 0, "train.eval_iters", f"{t.eval_iters}: must be >= 0 (0: never validate)")
+    need(t.exit_after_steps >= 0, "train.exit_after_steps", f"{t.exit_after_steps}: must be >= 0 (0: run to the end)")
+    c = cfg.checkpoint
+    need(c.save_interval >= 0, "checkpoint.save_interval",
+         f"{c.save_interval}: must be >= 0 (0: save only at the end, at exit_after_steps and on a stop signal)")
+    need(c.keep_last >= 0, "checkpoint.keep_last", f"{c.keep_last}: must be >= 0 (0: keep every checkpoint)")
     need(t.old_tokens_lr_mult >= 0, "train.old_tokens_lr_mult", "must be >= 0 (0 freezes the old tokens)")
     need(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", f"{t.precision!r}: auto, fp32, bf16 or fp16")
     need(t.device in ("auto", "cpu", "cuda"), "train.device", f"{t.device!r}: auto, cpu or cuda")
@@ -351,10 +412,18 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
         t.accum_steps(world_size // (p.tp * p.pp))  # a global batch the data-parallel ranks cannot share
 
     d = cfg.data
-    need(len(d.split.split(",")) == 3, "data.split", f"{d.split!r}: three comma-separated shares like '98,2,0'")
+    shares = _split_shares(d.split)
+    need(shares is not None, "data.split",
+         f"{d.split!r}: three comma-separated shares >= 0 (train,valid,test) with a positive train share, "
+         f"like '98,2,0'")
+    need(shares[1] > 0 or not (t.eval_interval and t.eval_iters), "data.split",
+         f"{d.split!r} gives validation no share, but train.eval_interval={t.eval_interval} asks for validation: "
+         f"give it one (e.g. '98,2,0') or set train.eval_interval 0")
     if d.weights is not None:
         need(len(d.weights) == len(d.prefixes), "data.weights",
              f"{len(d.weights)} weights for {len(d.prefixes)} prefixes")
+        need(all(w > 0 for w in d.weights), "data.weights",
+             f"{d.weights}: must be positive (relative shares of the prefixes; leave a prefix out instead of 0)")
     need(d.tokenizer_type in ("SentencePieceTokenizer", "HFTokenizer"), "data.tokenizer_type",
          f"{d.tokenizer_type!r}: SentencePieceTokenizer or HFTokenizer")
     if check_paths:
@@ -362,5 +431,60 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
         for i, prefix in enumerate(d.prefixes):
             for ext in (".bin", ".idx"):
                 need(os.path.exists(prefix + ext), f"data.prefixes[{i}]", f"{prefix + ext} does not exist")
-        need(bool(d.tokenizer_model) and os.path.exists(d.tokenizer_model), "data.tokenizer_model",
+            try:
+                check_indexed_dataset(prefix)
+            except ValueError as e:
+                raise ConfigError(f"data.prefixes[{i}]: {e}") from None
+        need(bool(d.tokenizer_model) and os.path.isfile(d.tokenizer_model), "data.tokenizer_model",
              f"{d.tokenizer_model!r} does not exist")
+        try:
+            build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"data.tokenizer_model: {e}") from None
+        need(cfg.checkpoint.load is None or os.path.isdir(cfg.checkpoint.load), "checkpoint.load",
+             f"{cfg.checkpoint.load} does not exist (a layout-free checkpoint or a run's checkpoints/ directory)")
+    if check_paths if check_env is None else check_env:
+        _check_env(cfg)
+
+
+def _split_shares(split: str) -> list[float] | None:
+    """'98,2,0' -> [98.0, 2.0, 0.0]; None unless three finite shares >= 0 with a positive train share."""
+    try:
+        shares = [float(x) for x in split.split(",")]
+    except ValueError:
+        return None
+    ok = len(shares) == 3 and all(math.isfinite(x) and x >= 0 for x in shares) and shares[0] > 0
+    return shares if ok else None
+
+
+def _check_env(cfg: Config) -> None:
+    """This machine can run the config, and run_dir can be written: before any process group or allocation."""
+    import torch  # here, not at the top: the config module stays importable in 0.07 s (tools, workers)
+
+    t = cfg.train
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: cuda, but no CUDA device is visible (CUDA_VISIBLE_DEVICES="
+                          f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): use auto or cpu")
+    on_gpu = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.precision == "fp16" and not on_gpu:
+        raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed's loss-scaled fp16 optimizer); on a CPU use "
+                          "fp32 or bf16 (or auto)")
+    _check_writable_dir("run_dir", cfg.run_dir)
+    if cfg.data.cache_dir is not None:
+        _check_writable_dir("data.cache_dir", cfg.data.cache_dir)
+
+
+def _check_writable_dir(key: str, path: str) -> None:
+    """path is a directory, or can be made one, and a file can be written there; nothing is created."""
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise ConfigError(f"{key}: {path} is a file, not a directory")
+    existing = full
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{key}: {path} cannot be created: {existing} is a file")
+    try:  # the real test (permissions, a read-only mount, root on sysfs): an unnamed file, gone when closed
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        raise ConfigError(f"{key}: {path} cannot be written ({existing}: {e.strerror})") from None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import math
 import os
 import re
 import shutil
@@ -18,10 +20,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .checkpoint import MANIFEST, CheckpointError, read_latest, read_manifest, sha256_file, write_atomic
+from .checkpoint import (LATEST, MANIFEST, TAG, CheckpointError, candidates, read_manifest, read_tensor_file,
+                         sha256_file, write_atomic)
 from .config import PATTENTION_KINDS, Config, ConfigError, _build, validate
 from .model import append_tokens
 
+log = logging.getLogger("tokenformer_mp")
 _PATTENTION = re.compile(r"layers\.\d+\.(?:attention\.(query|key|value|proj)|ffn)\.(key_tokens|value_tokens)$")
 
 
@@ -40,10 +44,56 @@ def resolve_source(path: str) -> str:
         return path
     if os.path.exists(os.path.join(path, "layout_free", MANIFEST)):
         return os.path.join(path, "layout_free")
-    tag = read_latest(path)
-    if tag and os.path.exists(os.path.join(path, tag, "layout_free", MANIFEST)):
-        return os.path.join(path, tag, "layout_free")
-    raise CheckpointError(f"{path}: no checkpoint found (expected {MANIFEST}, layout_free/, or a 'latest' file)")
+    order, notes = candidates(path)
+    for tag in order:  # complete checkpoints, `latest` first; the tensors are verified as they are read
+        if os.path.exists(os.path.join(path, tag, "layout_free", MANIFEST)):
+            if notes:
+                log.warning("%s; reading the newest complete checkpoint, %s", "; ".join(notes), tag)
+            return os.path.join(path, tag, "layout_free")
+    raise CheckpointError(f"{path}: no checkpoint found (expected {MANIFEST}, layout_free/, or a run's checkpoints "
+                          f"with a complete one)" + "".join(f"; {n}" for n in notes))
+
+
+def is_run_checkpoints(path: str) -> bool:
+    """A trainer's checkpoints/ directory: it holds `latest` or global_step* directories."""
+    try:
+        return os.path.exists(os.path.join(path, LATEST)) or any(TAG.match(n) for n in os.listdir(path))
+    except OSError:  # not a directory, or not ours to list
+        return False
+
+
+def check_target(src: str, dst: str) -> None:
+    """Refuse to write where it would replace what is read or a run's own checkpoints, --overwrite or not."""
+    s, d = os.path.realpath(src), os.path.realpath(dst)
+    inside = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)  # noqa: E731
+    if inside(d, s) or inside(s, d):
+        raise CheckpointError(f"--save {dst}: {'is' if d == s else 'overlaps'} the source {src}; "
+                              f"write the result to a new directory")
+    node = d
+    while True:
+        if is_run_checkpoints(node):
+            raise CheckpointError(f"--save {dst}: inside a run's checkpoint directory {node}; writing there would "
+                                  f"replace that run's checkpoints: write to a directory of its own")
+        parent = os.path.dirname(node)
+        if parent == node:
+            return
+        node = parent
+
+
+def plan_from_factor(model: dict, factor: float, allow_shrink: bool = False) -> dict[str, int]:
+    """--expand-factor F: every Pattention's token count times F, F a finite number above 1 (below 1 only with
+    allow_shrink)."""
+    if not math.isfinite(factor) or factor <= 0:
+        raise CheckpointError(f"--expand-factor {factor}: must be a finite number above 1 (2 doubles every "
+                              f"Pattention's tokens)")
+    if factor == 1:
+        raise CheckpointError("--expand-factor 1 grows nothing (it would only reset the step and record a growth): "
+                              "to move the checkpoint to another layout, leave --expand-factor out and give --tp/--pp")
+    if factor < 1 and not allow_shrink:
+        raise CheckpointError(f"--expand-factor {factor} < 1 shrinks every Pattention, dropping trained tokens: "
+                              f"refused unless shrinking is asked for explicitly (--allow-shrink); "
+                              f"did you mean {1 / factor:g}?")
+    return {k: int(round(model[f"{k}_tokens"] * factor)) for k in PATTENTION_KINDS}
 
 
 @dataclass
@@ -68,8 +118,12 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
         raise ValueError(f"optimizer={optimizer!r}: keep or reset")
     src = resolve_source(src)
     manifest = read_manifest(src)
+    check_target(src, dst)
     if os.path.exists(dst) and not overwrite:
         raise CheckpointError(f"{dst} exists; pass overwrite=True (--overwrite) to replace it")
+    if os.path.exists(dst) and not os.path.exists(os.path.join(dst, MANIFEST)):
+        raise CheckpointError(f"{dst} exists and is not a layout-free checkpoint (no {MANIFEST}): --overwrite "
+                              f"replaces only one of those")
     cfg: Config = _build(Config, manifest["config"])
     old = copy.deepcopy(cfg.model)
     if tp is not None:
@@ -85,12 +139,15 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
             setattr(cfg.model, f"{kind}_tokens", n)
             # tau stays what the layer was built with: pin it before the count changes
             setattr(cfg.model, f"{kind}_scale_tokens", old.scale_tokens(kind) if expand.pin_tau else None)
+        if all(cfg.model.tokens(k) == old.tokens(k) for k in PATTENTION_KINDS):
+            have = ", ".join(f"{k}={old.tokens(k)}" for k in PATTENTION_KINDS)
+            raise CheckpointError(f"expansion to the token counts the checkpoint has ({have}) grows nothing: to move "
+                                  f"it to another layout, give only --tp/--pp")
     try:
         validate(cfg, check_paths=False)
     except ConfigError as e:
         raise CheckpointError(f"target layout/model is invalid: {e}") from None
 
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     partial = dst.rstrip("/") + ".partial"
@@ -100,24 +157,27 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
     value_std = 2.0 / cfg.model.num_layers / cfg.model.hidden_size**0.5  # as model.make_pattention
     keep_opt = optimizer == "keep" and manifest.get("optimizer") is not None
     entries = {}
-    for name, e in tqdm(manifest["tensors"].items(), desc="reshard", disable=not progress, unit="tensor"):
-        with safe_open(os.path.join(src, e["file"]), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys() if k == "weight" or keep_opt}
-        kind = pattention_kind(name)
-        if kind is not None and expand is not None:
-            n_old, n_new = old.tokens(kind[0]), cfg.model.tokens(kind[0])
-            if n_new < n_old:
-                tensors = {k: v[:n_new] for k, v in tensors.items()}
-            elif n_new > n_old:
-                init = expand.key_init if kind[1] == "key_tokens" else expand.value_init
-                std = cfg.model.init_std if kind[1] == "key_tokens" else value_std
-                tensors = {k: (append_tokens(v, n_new - n_old, init, std, gen) if k == "weight"
-                               else append_tokens(v, n_new - n_old, "zeros", 0.0)) for k, v in tensors.items()}
-        path = os.path.join(partial, e["file"])
-        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-        entries[name] = {**e, "shape": list(tensors["weight"].shape), "keys": sorted(tensors),
-                         "sha256": sha256_file(path)}
-        del tensors
+    try:
+        for name, e in tqdm(manifest["tensors"].items(), desc="reshard", disable=not progress, unit="tensor"):
+            tensors = {k: v for k, v in read_tensor_file(src, name, e).items() if k == "weight" or keep_opt}
+            kind = pattention_kind(name)
+            if kind is not None and expand is not None:
+                n_old, n_new = old.tokens(kind[0]), cfg.model.tokens(kind[0])
+                if n_new < n_old:
+                    tensors = {k: v[:n_new] for k, v in tensors.items()}
+                elif n_new > n_old:
+                    init = expand.key_init if kind[1] == "key_tokens" else expand.value_init
+                    std = cfg.model.init_std if kind[1] == "key_tokens" else value_std
+                    tensors = {k: (append_tokens(v, n_new - n_old, init, std, gen) if k == "weight"
+                                   else append_tokens(v, n_new - n_old, "zeros", 0.0)) for k, v in tensors.items()}
+            path = os.path.join(partial, e["file"])
+            save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+            entries[name] = {**e, "shape": list(tensors["weight"].shape), "keys": sorted(tensors),
+                             "sha256": sha256_file(path)}
+            del tensors
+    except BaseException:  # a corrupt source tensor, a full disk: leave nothing half-written
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     grown = expand is not None and cfg.model != old
     new = {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict(),
            "model": cfg.to_dict()["model"], "tensors": entries,

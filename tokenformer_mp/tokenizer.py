@@ -126,4 +126,12 @@ def build_tokenizer(tokenizer_type: str, model_path: str) -> Tokenizer:
         raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; expected one of {', '.join(TOKENIZER_TYPES)}")
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"{tokenizer_type} model file not found: {model_path}")
-    return (HFTokenizer if tokenizer_type == "HFTokenizer" else SentencePieceTokenizer)(model_path)
+    cls = HFTokenizer if tokenizer_type == "HFTokenizer" else SentencePieceTokenizer
+    try:
+        return cls(model_path)
+    except ValueError:
+        raise
+    except Exception as e:  # the libraries' own: tokenizers raises a bare Exception, sentencepiece RuntimeError/OSError
+        kind = "a tokenizers JSON file (tokenizer.json)" if cls is HFTokenizer else "a SentencePiece .model file"
+        cause = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{model_path}: not {kind}, as tokenizer type {tokenizer_type} needs ({cause})") from None

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
 from .flops import MatmulPeak, datasheet_bf16_peak, format_mfu, measure_matmul_flops
 from .model import Pattention, flops_per_token
-from .parallel.launch import LaunchError
 
 log = logging.getLogger("tokenformer_mp")
 
@@ -144,11 +143,12 @@ class MetricsWriter:
 class Trainer:
     def __init__(self, cfg: Config, datasets=None, tokenizer=None):
         """datasets/tokenizer: given ones replace those named by cfg.data (tests, notebooks)."""
+        self.cfg = cfg
+        validate(cfg, check_paths=datasets is None, check_env=True)  # before any process group or allocation
+        # megatron-core and DeepSpeed: seconds of imports, after a bad config was refused
         from .parallel import groups
         from .parallel.launch import discover, init_distributed, pick_device
 
-        self.cfg = cfg
-        validate(cfg, check_paths=datasets is None)  # before any process group or allocation
         le = discover()
         validate(cfg, check_paths=False, world_size=le.world_size)
         self.device = pick_device(cfg.train.device, le.local_rank)
@@ -310,16 +310,34 @@ class Trainer:
                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
 
     def save(self) -> None:
+        """A checkpoint of this step, unless any rank holds a non-finite parameter or optimizer state: that is never
+        saved (nor made `latest`, nor allowed to prune a good checkpoint away)."""
         from .checkpoint import save_checkpoint
+        bad = self._ranks_with_nonfinite_state()
+        if bad:
+            raise TrainingDiverged(f"step {self.step}: non-finite parameters or optimizer state on rank(s) {bad}; "
+                                   f"not saved. The last good checkpoint in {self.ckpt_dir} is kept.")
         save_checkpoint(self, self.ckpt_dir, self.step, self.cfg.checkpoint.keep_last)
+
+    def _ranks_with_nonfinite_state(self) -> list[int]:
+        """Ranks whose parameters or optimizer state (the model's copy, ZeRO's fp32 partition and its Adam moments)
+        hold a NaN or inf, agreed by all ranks: each holds other tensors (TP/PP shards, ZeRO partitions)."""
+        base = getattr(self.optimizer, "optimizer", self.optimizer)  # the torch AdamW over ZeRO's fp32 partitions
+        held = list(self.model.parameters()) + [p for g in base.param_groups for p in g["params"]]
+        held += [v for st in base.state.values() for v in st.values() if torch.is_tensor(v) and v.is_floating_point()]
+        ok = torch.stack([torch.isfinite(t).all() for t in held]).all().to(torch.int64).reshape(1)
+        flags = [torch.empty_like(ok) for _ in range(self.layout.world)] if self.layout.world > 1 else [ok]
+        if self.layout.world > 1:
+            dist.all_gather(flags, ok)
+        return [r for r, f in enumerate(flags) if not f.item()]
 
     def maybe_resume(self) -> None:
         """The run directory's own latest checkpoint, else checkpoint.load, else nothing. checkpoint.load is where a
         run starts (a grown or resharded checkpoint), so the same command, requeued after preemption, continues from
         the run's own progress instead of starting over from it (torchtitan's initial_load_path, Megatron's
         --pretrained-checkpoint)."""
-        from .checkpoint import load_checkpoint
-        own = self.ckpt_dir if os.path.exists(os.path.join(self.ckpt_dir, "latest")) else None
+        from .checkpoint import has_checkpoints, load_checkpoint
+        own = self.ckpt_dir if has_checkpoints(self.ckpt_dir) else None
         src = own or self.cfg.checkpoint.load
         if own and self.cfg.checkpoint.load and self.is_logger:
             log.info("checkpoint.load %s is where the run started; it continues from its own checkpoints in %s",
@@ -389,7 +407,9 @@ class Trainer:
             start = time.perf_counter()
             loss, norm = self.train_step()
             elapsed = time.perf_counter() - start
-            skipped = getattr(self.engine, "skipped_steps", 0) > skipped_before  # fp16 overflow
+            # Only fp16's dynamic loss scale skips a step by design (overflow: scale lowered, step retried). DeepSpeed's
+            # ZeRO counts a skip for an infinite grad norm in fp32 and bf16 too: there it is divergence.
+            skipped = self.precision == "fp16" and getattr(self.engine, "skipped_steps", 0) > skipped_before
             if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
                 raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {norm} is not finite; stopping. "
                                        f"The last good checkpoint in {self.ckpt_dir} is kept.")
@@ -468,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["run_dir"] = args.run_dir
         cfg = load_config(args.config, overrides)
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError, LaunchError) as e:
+    except (ConfigError, FileNotFoundError) as e:  # LaunchError is a ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .checkpoint import CheckpointError

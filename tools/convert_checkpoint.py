@@ -35,7 +35,7 @@ def main(argv=None) -> int:
             import_neox(sd, model_config_from_neox(neox), args.save)
         else:
             export_safetensors(args.load, args.save)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: CheckpointError, torch.load's
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"saved": args.save}))

@@ -14,15 +14,15 @@ from tokenformer_mp.reshard import resolve_source  # noqa: E402
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("path")
-    ap.add_argument("--verify", action="store_true", help="recompute every checksum")
+    ap.add_argument("--verify", action="store_true",
+                    help="recompute every checksum (the tensors', and in a training checkpoint DeepSpeed's files too)")
     ap.add_argument("--json", action="store_true", help="the whole manifest as JSON")
     args = ap.parse_args(argv)
     try:
         path = resolve_source(args.path)
         m = read_manifest(path)
-        if args.verify:
-            verify(path, m)
-    except CheckpointError as e:
+        checked = verify(path, m) if args.verify else 0
+    except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     for name, e in m["tensors"].items():
         print(f"  {name:<45} {str(e['shape']):<14} {e['dtype']:<8} {','.join(e['keys']):<28} {e['sha256'][:12]}")
     if args.verify:
-        print("checksums: all ok")
+        print(f"checksums: all ok ({checked} files)")
     return 0
 
 

@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from tokenformer_mp.checkpoint import CheckpointError, read_manifest  # noqa: E402
-from tokenformer_mp.reshard import ExpandPlan, plan_from_config, reshard, resolve_source  # noqa: E402
+from tokenformer_mp.reshard import ExpandPlan, plan_from_config, plan_from_factor, reshard, resolve_source  # noqa: E402
 
 
 def parse_tokens(text: str) -> dict[str, int]:
@@ -49,12 +49,12 @@ def main(argv=None) -> int:
     try:
         src = resolve_source(args.load)
         plan = None
-        if args.expand_config or args.expand_factor or args.tokens:
+        if args.expand_config or args.expand_factor is not None or args.tokens:
             model = read_manifest(src)["model"]
             if args.expand_config:
                 tokens = plan_from_config(args.expand_config)
-            elif args.expand_factor:
-                tokens = {k: int(round(model[f"{k}_tokens"] * args.expand_factor)) for k in ("qkv", "proj", "ffn")}
+            elif args.expand_factor is not None:
+                tokens = plan_from_factor(model, args.expand_factor, args.allow_shrink)
             else:
                 tokens = args.tokens
             plan = ExpandPlan(tokens, args.key_init, args.value_init, args.allow_shrink, not args.no_pin_tau)

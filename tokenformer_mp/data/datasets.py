@@ -6,13 +6,22 @@ prefixes in proportion to their weights. Megatron builds the index files on rank
 
 Caching: cache_dir holds the index files (.npy) and must be shared by all ranks. With cache_dir=None megatron
 writes GPTDataset's index files to `<prefix>/cache/GPTDataset_indices/` beside the data, and does not cache blends.
+megatron writes its cache in place and takes any file that exists as built; so rank 0 first checks every cached
+array (npy header against file size) and removes torn or incomplete sets, then megatron builds into a staging
+directory (holding links to the valid cached files), and the new files are renamed into cache_dir once complete.
 
 Process group: BlendedDataset calls torch.distributed.get_rank() when it has a cache path. When the caller has no
 process group, build_datasets creates a 1-process gloo group (in-memory store, no network) for the build and destroys
 it afterwards, so a later torch.distributed.init_process_group by the caller still works.
 """
 
+import logging
+import math
 import os
+import re
+import shutil
+import socket
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,9 +32,17 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 
+from tokenformer_mp.data.preprocess import pid_alive
 from tokenformer_mp.tokenizer import Tokenizer
 
+logger = logging.getLogger(__name__)
+
 SAMPLE_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+# megatron's cache: "{md5}-{class}-{split}-{affix}", every affix of a class present once a set is built
+CACHE_FILES = {"GPTDataset": {"description.txt", "document_index.npy", "sample_index.npy", "shuffle_index.npy"},
+               "BlendedDataset": {"description.txt", "dataset_index.npy", "dataset_sample_index.npy"}}
+CACHE_NAME = re.compile(r"^([0-9a-f]{32}-(GPTDataset|BlendedDataset)-[a-z]+)-(.+)$")
+STAGING = ".build."
 
 
 class GPTSamples(torch.utils.data.Dataset):
@@ -46,6 +63,73 @@ class GPTSamples(torch.utils.data.Dataset):
             raise IndexError(f"sample {idx} of {self.size}")
         sample = self.dataset[idx]
         return {key: sample[key] for key in SAMPLE_KEYS}
+
+
+def npy_problem(path: str) -> str | None:
+    """What is wrong with a .npy file (a header it cannot parse, a size its header does not account for), or None."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            expected = f.tell() + math.prod(shape) * dtype.itemsize
+    except (ValueError, OSError, EOFError) as e:
+        return f"unreadable npy header ({e})"
+    size = os.path.getsize(path)
+    return None if size == expected else f"{size} bytes where its header says {expected} (a torn write)"
+
+
+def validate_cache(cache_dir: str) -> list[str]:
+    """Remove every cached index set in cache_dir with a torn or missing file, and staging directories that a killed
+    build on this host left; a removed set is rebuilt. Returns the removed paths. One process (rank 0)."""
+    sets: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    removed = []
+    for name in sorted(os.listdir(cache_dir)):
+        path = os.path.join(cache_dir, name)
+        m = CACHE_NAME.match(name)
+        if m:
+            sets[(m.group(1), m.group(2))][m.group(3)] = path
+        elif name.startswith(f"{STAGING}{socket.gethostname()}.") and not pid_alive(int(name.rsplit(".", 1)[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for (base, cls), files in sets.items():
+        problems = [f"{a} missing" for a in sorted(CACHE_FILES[cls] - set(files))]
+        problems += [f"{a}: {why}" for a, p in sorted(files.items()) if a.endswith(".npy") and (why := npy_problem(p))]
+        if problems:
+            logger.warning("data cache %s-*: %s; removed, it is rebuilt", os.path.join(cache_dir, base),
+                           "; ".join(problems))
+            for p in files.values():
+                os.remove(p)
+            removed += files.values()
+    return removed
+
+
+@contextmanager
+def staged_cache(cache_dir: str) -> Iterator[str]:
+    """Collective. A staging directory for megatron's index build, in cache_dir, holding links to its valid cached
+    files (so those are hits); after the build, rank 0 renames the new files into cache_dir, arrays before the
+    description that completes a set, so that a crash leaves only sets validate_cache removes."""
+    staging = None
+    if dist.get_rank() == 0:
+        os.makedirs(cache_dir, exist_ok=True)
+        validate_cache(cache_dir)
+        staging = os.path.join(cache_dir, f"{STAGING}{socket.gethostname()}.{os.getpid()}")
+        os.makedirs(staging)
+        for name in os.listdir(cache_dir):
+            if CACHE_NAME.match(name):
+                os.symlink(os.path.join(cache_dir, name), os.path.join(staging, name))
+    box = [staging]
+    dist.broadcast_object_list(box, src=0)
+    try:
+        yield box[0]
+        dist.barrier()  # every rank has opened its files
+        if dist.get_rank() == 0:
+            new = [n for n in os.listdir(staging) if not os.path.islink(os.path.join(staging, n))]
+            for name in sorted(new, key=lambda n: n.endswith("description.txt")):
+                os.replace(os.path.join(staging, name), os.path.join(cache_dir, name))
+    finally:
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_prefix(prefix: str) -> None:
@@ -90,19 +174,25 @@ def build_datasets(
         weights = [float(IndexedDataset(p).sequence_lengths.sum(dtype=np.int64)) for p in prefixes]
     elif len(weights) != len(prefixes):
         raise ValueError(f"{len(weights)} weights for {len(prefixes)} prefixes")
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
-        blend=(list(prefixes), None if weights is None else [float(w) for w in weights]),
-        split=split,
-        path_to_cache=None if cache_dir is None else os.path.abspath(cache_dir),
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,  # the model applies its causal mask itself
-    )
-    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config)
+    def build(path_to_cache: str | None) -> list:
+        config = GPTDatasetConfig(
+            random_seed=seed,
+            sequence_length=seq_length,
+            blend=(list(prefixes), None if weights is None else [float(w) for w in weights]),
+            split=split,
+            path_to_cache=path_to_cache,
+            tokenizer=tokenizer,
+            reset_position_ids=False,
+            reset_attention_mask=False,
+            eod_mask_loss=False,
+            create_attention_mask=False,  # the model applies its causal mask itself
+        )
+        return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+
     with _process_group():
-        datasets = builder.build()
+        if cache_dir is None:
+            datasets = build(None)
+        else:
+            with staged_cache(os.path.abspath(cache_dir)) as staging:
+                datasets = build(staging)
     return tuple(None if d is None else GPTSamples(d, n) for d, n in zip(datasets, num_samples))

@@ -4,17 +4,23 @@ The main process reads and writes while `workers` single-threaded processes toke
 tokenizer's batch API. A worker writes each batch's tokens as one flat array to a scratch file (local temp dir) and
 sends back only the document lengths: pickling megabytes of tokens through the pool's pipe cost more than the
 tokenizer's own output conversion (measured: 7% of a fast tokenizer's time). Output is written under temporary
-names and renamed into place only once complete.
+names and renamed into place only once complete, and only if it holds a document; a rerun removes the temporary
+files and scratch directory a killed run of the same output left.
 """
 
+import glob
+import hashlib
 import itertools
+import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -22,6 +28,8 @@ from tqdm import tqdm
 
 from tokenformer_mp.data.reader import ReadStats, expand_inputs, read_texts
 from tokenformer_mp.tokenizer import Tokenizer, build_tokenizer
+
+logger = logging.getLogger(__name__)
 
 Encoded = tuple[np.ndarray, np.ndarray]  # (all tokens of a batch, flat; length of each document)
 
@@ -59,9 +67,56 @@ def _encode_columns(job: tuple[int, list[list[str]]]) -> list[tuple[str, np.ndar
     for k, texts in enumerate(columns):
         flat, lengths = encode_to_arrays(_worker["tok"], texts, _worker["eod"], _worker["dtype"])
         path = os.path.join(_worker["scratch"], f"{index}.{k}.bin")
-        flat.tofile(path)
+        with _naming(path):
+            flat.tofile(path)
         out.append((path, lengths))
     return out
+
+
+@contextmanager
+def _naming(path: str) -> Iterator[None]:
+    """An OSError from writing (a full disk: numpy and write() leave the file unnamed) carries the path."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        # numpy reports a short write without an errno ("N requested and M written"): a full disk, mostly
+        raise OSError(e.errno, e.strerror or f"write failed, {e} (is the disk full?)", path) from None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (leftovers of a dead one may be removed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def scratch_prefix(output_prefix: str) -> str:
+    """Scratch directories of this output are named after it (and the writing process): a rerun finds what a killed
+    run left."""
+    path = os.path.abspath(output_prefix)
+    return f"tokenformer_mp_preprocess.{os.path.basename(path)}-{hashlib.sha1(path.encode()).hexdigest()[:10]}."
+
+
+def remove_leftovers(output_prefix: str, prefixes: Iterable[str]) -> list[str]:
+    """Temporary outputs ({prefix}.tmpPID.bin/.idx) and scratch directories that a killed earlier run of this output
+    left behind (their process is gone); returns what was removed."""
+    removed = []
+    found = [(p, re.search(r"\.tmp(\d+)\.(?:bin|idx)$", p)) for prefix in prefixes
+             for p in glob.glob(glob.escape(prefix) + ".tmp*")]
+    found += [(p, re.search(r"\.(\d+)\.[^.]+$", p))
+              for p in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(scratch_prefix(output_prefix)) + "*"))]
+    for path, m in found:
+        if m is not None and not pid_alive(int(m.group(1))):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            removed.append(path)
+            logger.warning("removed %s, left by a killed earlier run of this output", path)
+    return removed
 
 
 def _take(path: str, dtype: type[np.number]) -> np.ndarray:
@@ -102,12 +157,16 @@ class _AtomicIndexedDataset:
     def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """A batch of documents, each one sequence: what add_document does per document, in one write."""
         b = self.builder
-        b.add_document(tokens, lengths.tolist())  # every sequence, then a single document end ...
+        with _naming(self.tmp + ".bin"):
+            b.add_document(tokens, lengths.tolist())  # every sequence, then a single document end ...
         n = len(b.sequence_lengths)
         b.document_indices[-1:] = range(n - len(lengths) + 1, n + 1)  # ... which becomes one end per sequence
 
     def commit(self) -> None:
-        self.builder.finalize(self.tmp + ".idx")
+        with _naming(self.tmp + ".bin"):
+            self.builder.data_file.flush()
+        with _naming(self.tmp + ".idx"):
+            self.builder.finalize(self.tmp + ".idx")
         # Drop the old .idx first: a crash between the renames then leaves a lone .bin (no dataset), never a
         # new .bin paired with a stale .idx.
         if os.path.exists(self.prefix + ".idx"):
@@ -116,7 +175,10 @@ class _AtomicIndexedDataset:
         os.replace(self.tmp + ".idx", self.prefix + ".idx")
 
     def discard(self) -> None:
-        self.builder.data_file.close()
+        try:
+            self.builder.data_file.close()
+        except OSError:  # a full disk fails the final flush too
+            pass
         for ext in (".bin", ".idx"):
             if os.path.exists(self.tmp + ext):
                 os.remove(self.tmp + ext)
@@ -135,11 +197,13 @@ def preprocess(
     batch_size: int = 256,
     max_docs: int | None = None,
     progress: bool = True,
+    allow_truncated: bool = False,
 ) -> dict:
     """Tokenize every document of `inputs` (files or globs) into one indexed dataset per json key.
 
     `workers` single-threaded processes tokenize while this one reads and writes. Returns counts: docs, tokens (all
-    keys, EOD included), bad_lines, bytes (UTF-8 text read), seconds, and the output prefixes by key.
+    keys, EOD included), bad_lines, bytes (UTF-8 text read), damaged (compressed inputs cut short: allowed only with
+    allow_truncated), seconds, and the output prefixes by key. No document read: ValueError, nothing written.
     """
     if workers < 1:
         raise ValueError(f"workers must be at least 1, not {workers}")
@@ -154,6 +218,7 @@ def preprocess(
             if os.path.exists(path) and not overwrite:
                 raise FileExistsError(f"output {path} exists; pass overwrite=True (--overwrite) to replace it")
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+    remove_leftovers(output_prefix, prefixes.values())
 
     stats = ReadStats()
     rows = itertools.islice(read_texts(files, json_keys, strict=strict, stats=stats), max_docs)
@@ -161,11 +226,21 @@ def preprocess(
 
     def batches() -> Iterator[list[list[str]]]:
         for columns in batched_columns(rows, batch_size):
+            if stats.damaged and not allow_truncated:
+                raise ValueError(f"{stats.damaged[0]}; pass --allow-truncated to keep the documents before the damage")
             read_bytes.append(stats.bytes)
             yield columns
+        if stats.damaged and not allow_truncated:
+            raise ValueError(f"{stats.damaged[0]}; pass --allow-truncated to keep the documents before the damage")
+        if stats.docs == 0:
+            raise ValueError(f"no documents read from {', '.join(files)} ({stats.bad_lines} bad lines"
+                             + (f"; the first: {stats.first_bad}" if stats.first_bad else "") + "): an empty file, "
+                             f"wrong --json-keys ({', '.join(json_keys)}), or a compressed file not named .zst "
+                             f"(or the reverse)? Nothing written")
 
     outputs: dict[str, _AtomicIndexedDataset] = {}
-    scratch = tempfile.mkdtemp(prefix="tokenformer_mp_preprocess.")  # local temp dir: not the output's file system
+    # local temp dir (not the output's file system), named after the output so that a rerun finds a killed run's
+    scratch = tempfile.mkdtemp(prefix=f"{scratch_prefix(output_prefix)}{os.getpid()}.")
     # fork: workers start in milliseconds and inherit the loaded tokenizer, re-importing nothing.
     pool = mp.get_context("fork").Pool(workers, _init_worker, (tok, append_eod, dtype, scratch))
     try:
@@ -195,6 +270,7 @@ def preprocess(
         tokens=tokens,
         bad_lines=stats.bad_lines,
         bytes=stats.bytes,
+        damaged=stats.damaged,
         seconds=time.perf_counter() - t0,
         outputs=prefixes,
     )

@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zstandard
 
@@ -27,6 +27,8 @@ class ReadStats:
     docs: int = 0
     bad_lines: int = 0
     bytes: int = 0  # UTF-8 bytes of the texts yielded
+    first_bad: str = ""  # file:line: reason of the first bad line
+    damaged: list[str] = field(default_factory=list)  # compressed streams cut short: where, and what was lost
 
 
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
@@ -49,17 +51,24 @@ def _zst_chunks(f) -> Iterator[bytes]:
     """Decompressed chunks of every frame in f. zstandard's stream_reader silently stops at a truncated frame, so
     decompress frame by frame and raise if the input ends inside one."""
     dctx = zstandard.ZstdDecompressor()
-    dobj, in_frame = dctx.decompressobj(), False
+    dobj, in_frame, size, got = dctx.decompressobj(), False, -1, 0
     while data := f.read(CHUNK_BYTES):
         while data:
-            in_frame = True
+            if not in_frame:  # a frame starts: its header may say how large it decompresses (-1: it does not)
+                in_frame, got = True, 0
+                try:
+                    size = zstandard.frame_content_size(data)
+                except zstandard.ZstdError:
+                    size = -1
             if out := dobj.decompress(data):
+                got += len(out)
                 yield out
             if not dobj.eof:
                 break
             data, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
     if in_frame:
-        raise zstandard.ZstdError("stream ends inside a frame (truncated file)")
+        lost = f"{size - got:,} of the frame's {size:,} bytes lost" if size >= 0 else "the rest of the frame lost"
+        raise zstandard.ZstdError(f"stream ends inside a frame (truncated file): {got:,} bytes decompressed, {lost}")
 
 
 def iter_lines(path: str) -> Iterator[bytes]:
@@ -112,13 +121,14 @@ def read_texts(
         if strict:
             raise BadLine(where)
         stats.bad_lines += 1
+        stats.first_bad = stats.first_bad or where
         if stats.bad_lines <= max_reported:
             logger.warning("skipped %s", where)
         elif stats.bad_lines == max_reported + 1:
             logger.warning("more bad lines: counted, not reported")
 
     for path in expand_inputs(inputs):
-        lineno = 0
+        lineno, docs_before = 0, stats.docs
         try:
             for lineno, line in enumerate(iter_lines(path), 1):
                 if not line.strip():
@@ -137,4 +147,6 @@ def read_texts(
                 stats.bytes += size
                 yield texts
         except zstandard.ZstdError as e:
+            stats.damaged.append(f"{path}: corrupt or truncated zstd stream after line {lineno} "
+                                 f"({stats.docs - docs_before} documents read from it): {e}")
             bad(path, lineno + 1, f"corrupt zstd stream, rest of file skipped ({e})")

@@ -18,6 +18,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -50,8 +52,9 @@ def _first_slurm_host(nodelist: str) -> str:
         return head
 
 
-class LaunchError(RuntimeError):
-    """The launch environment cannot work (ranks that disagree, a device that does not exist); names what to fix."""
+class LaunchError(ConfigError):
+    """The launch environment cannot work (ranks that disagree, a device that does not exist); names what to fix.
+    Bad input like a config error: the trainer exits 2 with its message."""
 
 
 def _mpi4py_world() -> tuple[int, int]:
