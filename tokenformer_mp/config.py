@@ -127,12 +127,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where the metrics go besides run_dir/metrics.jsonl (written by global rank 0 only)."""
+    tensorboard: bool = True  # run_dir/tensorboard
+    wandb_project: str | None = None  # a Weights & Biases project; None: no W&B
+    wandb_mode: str = "online"  # online, or offline (a run directory under run_dir/wandb, `wandb sync` later)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/debug"
 
     def to_dict(self) -> dict:
@@ -315,6 +324,9 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
     if world_size is not None:
         need(world_size % (p.tp * p.pp) == 0, "parallel",
              f"tp*pp = {p.tp}*{p.pp} does not divide the world size {world_size}")
+
+    need(cfg.logging.wandb_mode in ("online", "offline"), "logging.wandb_mode",
+         f"{cfg.logging.wandb_mode!r}: online or offline")
 
     d = cfg.data
     need(len(d.split.split(",")) == 3, "data.split", f"{d.split!r}: three comma-separated shares like '98,2,0'")
