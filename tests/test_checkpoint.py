@@ -65,7 +65,7 @@ def test_tp8_pp4_round_trip(tmp_path):
     reshard(str(tmp_path / "src"), str(tmp_path / "big"), tp=8, pp=4, progress=False)
     assert read_manifest(str(tmp_path / "big"))["config"]["parallel"] == {
         "tp": 8, "pp": 4, "zero_stage": 1, "sequence_parallel": False, "overlap_grad_reduce": False,
-        "grad_bucket_size": None}
+        "grad_bucket_size": None, "timeout_s": 600}
     reshard(str(tmp_path / "big"), str(tmp_path / "back"), tp=1, pp=1, progress=False)
     a, b = read_manifest(str(tmp_path / "src"))["tensors"], read_manifest(str(tmp_path / "back"))["tensors"]
     assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}

@@ -1,11 +1,13 @@
 """Rank discovery: one function reads every launcher's variables and keeps a given MASTER_ADDR; host settings."""
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from tokenformer_mp.parallel.launch import discover
+from tokenformer_mp.parallel.launch import LaunchError, device_index, discover, launch_variables
 
 
 def test_torchrun():
@@ -46,13 +48,79 @@ def test_single_process_gets_loopback_and_a_free_port():
     assert (le.launcher, le.rank, le.world_size, le.master_addr) == ("single", 0, 1, "127.0.0.1") and le.master_port > 0
 
 
-def test_local_rank_before_the_process_group():
-    from tokenformer_mp.parallel.launch import local_rank
-    assert local_rank({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_LOCALID": "0"}) == 1  # torchrun in srun
-    assert local_rank({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "1"}) == 1
-    assert local_rank({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "1"}) == 1
-    assert local_rank({"SLURM_PROCID": "0", "SLURM_LOCALID": "0"}) == 0  # a batch script without srun
-    assert local_rank({}) == 0
+def _bound(env: dict, visible: int) -> tuple[int, dict]:
+    """What one process of a launch does before any library starts: its ranks from the launcher's variables, the
+    GPU it takes of the `visible` ones (device_index, as pick_device does), the variables it exports."""
+    le = discover(env, mpi_world=_no_mpi)
+    index = device_index(le.local_rank, visible)
+    return le.rank, launch_variables(le, torch.device("cuda", index), env)
+
+
+def _no_mpi():
+    raise AssertionError("mpi4py consulted although the environment had every value")
+
+
+NODE = {"MASTER_ADDR": "n1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("visible", [1, 4])  # 1: srun --gpus-per-task=1 / --gpu-bind / a per-task CUDA_VISIBLE_DEVICES
+@pytest.mark.parametrize("launcher", ["srun", "torchrun", "mpirun", "mpich"])
+def test_every_task_of_a_node_binds_its_own_visible_gpu(launcher, visible):
+    """4 tasks on the second of two nodes. DeepSpeed binds cuda:LOCAL_RANK (init_process_group's device_id, the
+    engine's set_device, PipelineModule.to): with one GPU visible per task that must be 0 on every task, or each task
+    but the first dies with 'invalid device ordinal'; with four visible, the node-local rank's."""
+    for local in range(4):
+        rank = 4 + local
+        env = {"srun": {"SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": str(local), **NODE},
+               "torchrun": {"RANK": str(rank), "WORLD_SIZE": "8", "LOCAL_RANK": str(local), **NODE},
+               "mpirun": {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "8",
+                          "OMPI_COMM_WORLD_LOCAL_RANK": str(local), **NODE},
+               "mpich": {"PMI_RANK": str(rank), "PMI_SIZE": "8", "MPI_LOCALRANKID": str(local), **NODE}}[launcher]
+        got_rank, exported = _bound(env, visible)
+        want = str(0 if visible == 1 else local)
+        assert got_rank == rank and exported["RANK"] == str(rank) and exported["WORLD_SIZE"] == "8"
+        assert exported["LOCAL_RANK"] == want, (launcher, local, exported)
+        if launcher == "mpirun":  # DeepSpeed's engine asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK
+            assert exported["OMPI_COMM_WORLD_LOCAL_RANK"] == want
+
+
+def test_deepspeed_takes_the_exported_index_as_its_device():
+    """The other end of the contract: DeepSpeed's CUDA accelerator names cuda:LOCAL_RANK (no GPU needed to ask)."""
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+    le = discover({"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "4", "SLURM_LOCALID": "3", **NODE})
+    exported = launch_variables(le, torch.device("cuda", device_index(le.local_rank, 1)), {})
+    assert CUDA_Accelerator().device_name(int(exported["LOCAL_RANK"])) == "cuda:0"
+
+
+def test_more_tasks_than_visible_gpus_is_an_error():
+    with pytest.raises(LaunchError, match="local rank 4 but only 4 GPUs are visible"):
+        device_index(4, 4)
+    with pytest.raises(LaunchError, match="no CUDA device"):
+        device_index(0, 0)
+
+
+def test_cpu_ranks_keep_their_node_local_rank():
+    le = discover({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", **NODE})
+    assert launch_variables(le, torch.device("cpu"), {})["LOCAL_RANK"] == "1"
+
+
+def test_mpich_ranks_come_from_the_environment():
+    le = discover({"PMI_RANK": "2", "PMI_SIZE": "4", "MPI_LOCALRANKID": "2", **NODE}, mpi_world=_no_mpi)
+    assert (le.launcher, le.rank, le.world_size, le.local_rank) == ("mpirun", 2, 4, 2)
+
+
+@pytest.mark.parametrize("env", [{"PMI_RANK": "2", "PMI_SIZE": "4"}, {"PMIX_RANK": "2"}])
+def test_mpi4py_that_disagrees_with_the_launcher_is_refused(env):
+    """mpi4py built against another MPI starts every process as rank 0 of 1 (a singleton): N runs would each think
+    they are the whole job. Here mpi4py really is asked (in a child process: MPI_Init) and really says 0 of 1."""
+    code = ("import sys; from tokenformer_mp.parallel.launch import discover, LaunchError\n"
+            "try:\n    discover()\nexcept LaunchError as e:\n    print(e); sys.exit(7)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "SLURM_", "MASTER_"))
+             and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    res = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 7, res.stdout + res.stderr
+    assert "mpi4py says rank 0 of 1" in res.stdout and "rank 2" in res.stdout and "MASTER_ADDR" in res.stdout
 
 
 _HOST_MEMORY = """
@@ -77,7 +145,7 @@ print(held, mapped >> 20, kept >> 20)
 def _host_memory(mode: str, **extra_env) -> list[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "LD_PRELOAD"}
     return subprocess.run([sys.executable, "-c", _HOST_MEMORY, mode], env={**env, **extra_env}, check=True,
-                          capture_output=True, text=True).stdout.split()
+                          capture_output=True, text=True).stdout.splitlines()[-1].split()  # after import-time logs
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
@@ -89,3 +157,52 @@ def test_freed_host_memory_stays_in_the_process():
     assert (held, mapped, int(kept) >= 20) == ("True", "0", True)
     # a user's own allocator settings win
     assert _host_memory("hold", MALLOC_ARENA_MAX="2")[0] == "False"
+
+
+def _side_group_backends(tp: int, pp: int) -> list:
+    import torch.distributed as dist
+
+    from tokenformer_mp.parallel import groups
+    dist.init_process_group("gloo")
+    asked, new_group = [], dist.new_group
+
+    def recording(*args, **kwargs):  # test instrumentation: which backend each of megatron's groups asks for
+        asked.append(kwargs.get("backend"))
+        return new_group(*args, **kwargs)
+
+    dist.new_group = recording
+    try:
+        groups.initialize(tp, pp, timeout_s=90)
+    finally:
+        dist.new_group = new_group
+        dist.destroy_process_group()
+    return asked
+
+
+def test_no_gloo_side_groups():
+    """megatron-core makes a gloo twin of the data-parallel groups by default, which across nodes needs TCP between
+    hosts besides NCCL's network; nothing here uses them, so none is created."""
+    from tokenformer_mp.parallel.local import run_ranks
+    asked = run_ranks(2, _side_group_backends, 2, 1)[0]
+    assert len(asked) > 5 and "gloo" not in asked, asked
+
+
+def test_gpu_check_without_a_gpu_skips_everything_and_says_so(tmp_path):
+    """tools/gpu_check.sh's dry run on a CPU machine: exit 0, one clear line, the JSON written; and what it reads of
+    pytest's JUnit XML, here tests/test_gpu.py run for real on this machine (all skipped, each saying why)."""
+    from tests.conftest import REPO
+    from tokenformer_mp.bench.gpu_check import junit_results
+    out = tmp_path / "gpu.json"
+    res = subprocess.run([sys.executable, "tools/gpu_check.py", "--out", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "no CUDA GPU is visible: every GPU check skipped" in res.stdout
+    result = json.loads(out.read_text())
+    assert result["machine"]["gpus"] == 0 and result["failed"] == [] and result["skipped"][0]["part"] == "all"
+    xml = tmp_path / "tests.xml"
+    subprocess.run([sys.executable, "-m", "pytest", "tests/test_gpu.py", "-q", "-p", "no:cacheprovider",
+                    f"--junitxml={xml}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                   env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    rows = junit_results(str(xml))
+    assert len(rows) >= 14 and {r["status"] for r in rows} == {"skipped"}
+    assert all("needs a CUDA GPU" in r["detail"] for r in rows)

@@ -338,3 +338,37 @@ def test_benchmark_pieces_add_up_to_the_kernel():
     for full, model in zip(runs[1], runs[0]):
         assert_close_to_scale(full, model, 1e-5)
     assert_close_to_scale(runs[2][0], F.gelu(x @ p.key_tokens.detach().T) @ p.value_tokens.detach(), 1e-5)
+
+
+def test_mfu_against_the_datasheet_and_flagged_above_one():
+    """Known GPUs by name (the most specific first: an H100 PCIe is not an SXM), unknown ones None; an MFU above 1
+    (a matmul peak that read low) is never printed without saying so; the peak is the best reading, spread reported."""
+    from tokenformer_mp.flops import MatmulPeak, datasheet_bf16_peak, format_mfu
+    assert datasheet_bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert datasheet_bf16_peak("NVIDIA H100 PCIe") == 756e12
+    assert datasheet_bf16_peak("NVIDIA H200") == 989e12 and datasheet_bf16_peak("NVIDIA B200") == 2250e12
+    assert datasheet_bf16_peak("NVIDIA A100-SXM4-80GB") == 312e12
+    assert datasheet_bf16_peak("NVIDIA GeForce RTX 4090") is None and datasheet_bf16_peak("cpu") is None
+    assert format_mfu(0.431) == "43.1%" and "read low" in format_mfu(1.12)
+    peak = MatmulPeak([78e9, 113e9, 109e9])  # the AMD run whose one low reading printed MFU 1.12
+    assert peak.best == 113e9 and peak.summary()["matmul_peak_spread"] == pytest.approx(78 / 113)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_inference_in_low_precision_keeps_its_kv_cache_in_it(tmp_path, dtype):
+    """tools/generate.py and tools/evaluate.py --dtype: the weights and the KV cache in that dtype (on a GPU bf16
+    by default), the logits within its rounding of fp32's."""
+    from tokenformer_mp.checkpoint import write_layout_free
+    from tokenformer_mp.config import Config
+    from tokenformer_mp.inference import DTYPES, default_dtype, load_model
+    model = _small_model()
+    write_layout_free(dict(model.named_parameters()), Config(model=model.cfg), str(tmp_path / "ckpt"))
+    low, _ = load_model(str(tmp_path / "ckpt"), "cpu", dtype)
+    assert {p.dtype for p in low.parameters()} == {DTYPES[dtype]}
+    x = torch.randint(0, 256, (2, 14))
+    cache = KVCache(low.cfg)
+    logits = low(x, cache=cache)
+    assert {t.dtype for kv in cache.kv for t in kv} == {DTYPES[dtype]}
+    assert_close_to_scale(logits.float(), model(x), 2e-2)
+    assert default_dtype("cpu") == "fp32" and default_dtype("cuda") == "bf16"

@@ -62,3 +62,61 @@ def test_a_rule_the_optimizer_cannot_see_is_an_error():
     stepped, other = torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(3, 2))
     with pytest.raises(RuntimeError, match="neither this parameter"):
         RowRules(torch.optim.AdamW([stepped]), [RowRule(other, 2, lr_mult=0.0)])
+
+
+def test_adam_step_lives_where_torch_puts_it():
+    """Fused or capturable AdamW reads `step` on the parameter's device (a CPU step fails its first CUDA step); plain
+    AdamW keeps it on the CPU. Checked against torch's own load_state_dict policy on a device that is not the CPU."""
+    from tokenformer_mp.checkpoint import adam_step_tensor
+    p = torch.empty(3, device="meta")
+    for group in ({"params": [0], "fused": True}, {"params": [0], "capturable": True}, {"params": [0]}):
+        ours = adam_step_tensor(p, group, 7)
+        torch_policy = torch.optim.Optimizer._process_value_according_to_param_policy(
+            p, torch.tensor(7.0), 0, [group], "step")
+        assert (ours.device, ours.dtype) == (torch_policy.device, torch.float32), group
+
+
+def _state_after_load(overrides: dict) -> list:
+    """Every Adam state entry after the trainer loaded checkpoint.load (or its own checkpoints): its key, device and
+    dtype, and those torch's own load_state_dict gives the same state; then one more step must run."""
+    from tokenformer_mp.config import load_config
+    from tokenformer_mp.train import Trainer, shutdown
+    trainer = Trainer(load_config("configs/debug.yaml", overrides))
+    trainer.maybe_resume()
+    base = trainer.engine.optimizer.optimizer  # the torch AdamW over ZeRO's flat fp32 partitions
+    ref = torch.optim.AdamW([p for g in base.param_groups for p in g["params"]], fused=True)
+    ref.load_state_dict(base.state_dict())
+    got = []
+    for p in (q for g in base.param_groups for q in g["params"]):
+        for key, value in base.state[p].items():
+            want = ref.state[p][key]
+            got.append((key, str(value.device), value.dtype, str(want.device), want.dtype, str(p.device)))
+    trainer.train_step()
+    shutdown()
+    return got
+
+
+@pytest.mark.parametrize("kind", ["resume", "grown"])
+def test_optimizer_state_on_its_parameters_device_after_every_kind_of_load(minipile, tmp_path, kind):
+    """A resume at the same layout (DeepSpeed's own files) and a layout-free checkpoint (what a resume at another
+    layout and every resharded or grown checkpoint load through; grown here, so the new tokens' state starts at zero):
+    every Adam state entry where torch's own load_state_dict puts it."""
+    from tests.conftest import debug_overrides
+    from tests.runs import train
+    from tokenformer_mp.parallel.local import run_ranks
+    from tokenformer_mp.reshard import ExpandPlan, reshard
+    run_ranks(1, train, debug_overrides(minipile, tmp_path / "src", **{"train.steps": 1}))
+    ckpt, extra = str(tmp_path / "src" / "checkpoints"), {}
+    if kind == "grown":
+        reshard(ckpt, str(tmp_path / "grown"), expand=ExpandPlan({"qkv": 160, "proj": 160, "ffn": 640}),
+                progress=False)
+        ckpt, extra = str(tmp_path / "grown"), {f"model.{k}_{w}": n for k, n in (("qkv", 160), ("proj", 160),
+                                                                                  ("ffn", 640)) for w in ("tokens",)}
+        extra.update({f"model.{k}_scale_tokens": n for k, n in (("qkv", 128), ("proj", 128), ("ffn", 512))})
+    overrides = debug_overrides(minipile, tmp_path / ("src" if kind == "resume" else "dst"),
+                                **{"train.steps": 3, "checkpoint.load": ckpt, **extra})
+    entries = run_ranks(1, _state_after_load, overrides)[0]
+    assert {e[0] for e in entries} == {"step", "exp_avg", "exp_avg_sq"}
+    for key, device, dtype, want_device, want_dtype, param_device in entries:
+        assert (device, dtype) == (want_device, want_dtype), (key, device, dtype, want_device, want_dtype)
+        assert dtype == torch.float32 and device == param_device

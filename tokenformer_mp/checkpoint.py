@@ -167,6 +167,14 @@ def verify(path: str, manifest: dict | None = None) -> None:
         raise CheckpointError(f"{path}: missing or corrupt tensors (checksum mismatch): {', '.join(bad)}")
 
 
+def adam_step_tensor(param: torch.Tensor, group: dict, step: int) -> torch.Tensor:
+    """Adam's `step` where torch's own Optimizer.load_state_dict puts it: a float32 scalar on the parameter's device
+    for fused or capturable groups (their kernels read it there: a CPU step makes fused AdamW on CUDA fail at its
+    first step), on the CPU otherwise."""
+    device = param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
 def _init_optimizer_state(trainer, step: int) -> None:
     """ZeRO creates Adam's state lazily at the first step; create it now (zeros) so it can be overwritten."""
     zero = trainer.engine.optimizer
@@ -174,7 +182,7 @@ def _init_optimizer_state(trainer, step: int) -> None:
     for group in base.param_groups:
         for p in group["params"]:
             st = base.state[p]
-            st["step"] = torch.tensor(float(step))
+            st["step"] = adam_step_tensor(p, group, step)
             st.setdefault("exp_avg", torch.zeros_like(p))
             st.setdefault("exp_avg_sq", torch.zeros_like(p))
     zero._lazy_init_hp_params_optimizer_state()

@@ -117,6 +117,11 @@ class ParallelConfig:
     # grad_bucket_size None: 4e7 elements when overlapping (Megatron's default), else one bucket for all.
     overlap_grad_reduce: bool = False
     grad_bucket_size: int | None = None
+    # How long a collective may wait for the slowest rank before the job fails (NCCL/gloo), also megatron-core's
+    # groups (whole minutes there). A crashed rank is ended at once by srun --kill-on-bad-exit (slurm/).
+    timeout_s: int = 600
+    # bf16 training: the dtype of the data-parallel gradient reduction (accumulation is always fp32 under bf16).
+    grad_reduce_dtype: str = "fp32"
 
 
 @dataclass
@@ -315,6 +320,8 @@ def validate(cfg: Config, *, check_paths: bool = True, tokenizer_vocab: int | No
     need(not (p.pp > 1 and p.zero_stage > 1), "parallel.zero_stage",
          "ZeRO-2 is refused by DeepSpeed's pipeline engine: use zero_stage 1 with parallel.pp > 1")
     need(p.grad_bucket_size is None or p.grad_bucket_size > 0, "parallel.grad_bucket_size", "must be positive")
+    need(p.timeout_s > 0, "parallel.timeout_s", "must be a positive number of seconds")
+    need(p.grad_reduce_dtype in ("fp32", "bf16"), "parallel.grad_reduce_dtype", f"{p.grad_reduce_dtype!r}: fp32 or bf16")
     need(p.pp <= m.num_layers, "parallel.pp", f"{p.pp} stages for {m.num_layers} layers")
     need(m.num_heads % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.num_heads={m.num_heads}")
     need(not p.sequence_parallel or m.seq_length % p.tp == 0, "parallel.sequence_parallel",

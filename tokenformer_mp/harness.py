@@ -14,27 +14,26 @@ from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from .inference import load_model, tokenizer_for
+from .inference import DTYPES, default_dtype, load_model, tokenizer_for
 from .model import KVCache
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @register_model("tokenformer")
 class TokenFormerLM(TemplateLM):
-    def __init__(self, pretrained: str, batch_size: int | str = 8, device: str | None = None, dtype: str = "fp32",
+    def __init__(self, pretrained: str, batch_size: int | str = 8, device: str | None = None, dtype: str | None = None,
                  tokenizer_type: str | None = None, tokenizer_model: str | None = None, max_gen_toks: int = 256,
                  max_batch_size: int | None = None):
-        """max_batch_size: accepted for lm-eval's model registry, which passes it; the batch size is fixed."""
+        """device: cuda when available; dtype: bf16 on a GPU, fp32 on a CPU (scores are fp32 either way).
+        max_batch_size: accepted for lm-eval's model registry, which passes it; the batch size is fixed."""
         super().__init__()
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or default_dtype(device)
         if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model, config = load_model(pretrained, device)
-        self.model = model.to(DTYPES[dtype])
+        self.model, config = load_model(pretrained, device, dtype)
         self.tok = tokenizer_for(config, tokenizer_type, tokenizer_model)
         self.batch_size, self._device, self.max_gen_toks = int(batch_size), torch.device(device), int(max_gen_toks)
-        self.max_length = model.cfg.seq_length
+        self.max_length = self.model.cfg.seq_length
 
     @property
     def eot_token_id(self) -> int:

@@ -13,9 +13,18 @@ from .config import ModelConfig, _build
 from .model import KVCache, TokenFormer
 
 
-def load_model(path: str, device: str = "cpu") -> tuple[TokenFormer, dict]:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_dtype(device: str) -> str:
+    """bf16 on a GPU (as it trained there), fp32 on a CPU (whose bf16 kernels are slower than its fp32 ones)."""
+    return "bf16" if torch.device(device).type == "cuda" else "fp32"
+
+
+def load_model(path: str, device: str = "cpu", dtype: str = "fp32") -> tuple[TokenFormer, dict]:
     """A checkpoint directory (trainer's, resharded, layout-free), an export (model.safetensors + config.json) or a
-    Hugging Face export (export-hf). Returns the model and the training config dict (for the tokenizer)."""
+    Hugging Face export (export-hf), in `dtype` (fp32, bf16, fp16; the KV cache follows it). Returns the model and the
+    training config dict (for the tokenizer)."""
     if os.path.exists(os.path.join(path, "model.safetensors")):
         from safetensors.torch import load_file
         with open(os.path.join(path, "config.json")) as f:
@@ -39,7 +48,7 @@ def load_model(path: str, device: str = "cpu") -> tuple[TokenFormer, dict]:
         from .checkpoint import load_weights, model_config_of
         model = TokenFormer(model_config_of(path))
         full = load_weights(model, path)["config"]
-    return model.to(device).eval(), full
+    return model.to(device=device, dtype=DTYPES[dtype]).eval(), full
 
 
 def tokenizer_for(config: dict, tokenizer_type: str | None = None, tokenizer_model: str | None = None):

@@ -19,7 +19,9 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
+from .flops import MatmulPeak, datasheet_bf16_peak, format_mfu, measure_matmul_flops
 from .model import Pattention, flops_per_token
+from .parallel.launch import LaunchError
 
 log = logging.getLogger("tokenformer_mp")
 
@@ -52,6 +54,11 @@ def deepspeed_config(cfg: Config, dp: int, precision: str, rank_params: int | No
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16"},
+        # bf16 as Megatron and torchtitan train it: gradients accumulated over the micro-batches and reduced across
+        # data-parallel ranks in fp32 (DeepSpeed's BF16_Optimizer at ZeRO-1, fp32 partition buffers at ZeRO-2), not
+        # summed in bf16; parallel.grad_reduce_dtype bf16 halves the reduction's bytes.
+        **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": p.grad_reduce_dtype}
+           if precision == "bf16" else {}),
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -162,15 +169,16 @@ class Trainer:
     def __init__(self, cfg: Config, datasets=None, tokenizer=None):
         """datasets/tokenizer: given ones replace those named by cfg.data (tests, notebooks)."""
         from .parallel import groups
-        from .parallel.launch import init_distributed, local_rank, pick_device
+        from .parallel.launch import discover, init_distributed, pick_device
 
         self.cfg = cfg
         validate(cfg, check_paths=datasets is None)  # before any process group or allocation
-        self.device = pick_device(cfg.train.device, local_rank())
-        le = init_distributed(self.device)
+        le = discover()
         validate(cfg, check_paths=False, world_size=le.world_size)
+        self.device = pick_device(cfg.train.device, le.local_rank)
+        init_distributed(le, self.device, cfg.parallel.timeout_s)
         tp, pp = cfg.parallel.tp, cfg.parallel.pp
-        groups.initialize(tp, pp)
+        groups.initialize(tp, pp, cfg.parallel.timeout_s)
         sizes = groups.sizes()
         self.layout = Layout(tp, pp, sizes["dp"], groups.ps.get_data_parallel_rank(), le.rank, le.world_size)
         self.is_logger = le.rank == 0
@@ -205,6 +213,9 @@ class Trainer:
             if valid_ds is not None and len(valid_ds) > 0 else None
         self.tokens_per_step = G * cfg.model.seq_length
         self.flops_per_token = flops_per_token(cfg.model)
+        self.matmul_peak = MatmulPeak()
+        self.datasheet_peak = datasheet_bf16_peak(torch.cuda.get_device_name(self.device)) \
+            if self.device.type == "cuda" and self.precision == "bf16" else None
         self.metrics = MetricsWriter(cfg, self.is_logger)
         self.step = 0
         self.history: list[dict] = []  # every step's record, on every rank (tests compare layouts with it)
@@ -242,8 +253,12 @@ class Trainer:
         self.adamw = optimizer  # the torch optimizer DeepSpeed drives: row rules hook its step
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-            config=deepspeed_config(cfg, self.layout.dp, self.precision, sum(p.numel() for p in model.parameters())))
+            config=self.deepspeed_config(sum(p.numel() for p in model.parameters())))
         self.model = model
+
+    def deepspeed_config(self, rank_params: int) -> dict:
+        """The engine's config (a method, so a measurement can compare DeepSpeed's own settings: bench.precision)."""
+        return deepspeed_config(self.cfg, self.layout.dp, self.precision, rank_params)
 
     def _dp_mean(self, value: float) -> float:
         if self.layout.dp == 1:
@@ -362,6 +377,23 @@ class Trainer:
             self._stop_signal = sig
         return sig != 0
 
+    # --- MFU: model FLOPs (Table 3) per second over the measured matmul peak, and the datasheet's on known GPUs -----
+    def measure_peak(self) -> None:
+        """One more reading of the matmul peak, at a square shape that saturates the device and at the step's own
+        largest matmul (a micro-batch's tokens x hidden x this rank's FFN tokens); the best reading counts."""
+        m, t = self.cfg.model, self.cfg.train
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+        own = (t.micro_batch_size * m.seq_length, m.hidden_size, max(1, m.ffn_tokens // self.layout.tp))
+        self.matmul_peak.readings += [measure_matmul_flops(self.device, dtype, seconds=0.3),
+                                      measure_matmul_flops(self.device, dtype, own, seconds=0.3)]
+
+    def mfu(self, tokens_per_s: float) -> dict:
+        flops = tokens_per_s * self.flops_per_token / self.layout.world  # per device
+        out = {"mfu": flops / self.matmul_peak.best}
+        if self.datasheet_peak is not None:
+            out["mfu_datasheet"] = flops / self.datasheet_peak
+        return out
+
     def fit(self) -> dict:
         from tqdm import tqdm
 
@@ -372,9 +404,7 @@ class Trainer:
         if self.step >= t.steps and self.is_logger:
             log.info("%s is complete (step %d of %d): nothing to train. A larger --train.steps continues it, another "
                      "--run-dir starts a new run.", self.run_dir, self.step, t.steps)
-        from .flops import measure_matmul_flops
-        peak = self.peak_flops = measure_matmul_flops(
-            self.device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32))
+        self.measure_peak()
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 30.0)  # log files (Slurm) get the log lines, not redraws
         last, skipped_before, first_step = {}, 0, self.step
@@ -390,8 +420,7 @@ class Trainer:
             self.step += 1
             tps = self.tokens_per_step / elapsed
             rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
-                   "mfu": tps * self.flops_per_token / (peak * self.layout.world), "step_time_s": elapsed,
-                   "tokens_seen": self.step * self.tokens_per_step}
+                   **self.mfu(tps), "step_time_s": elapsed, "tokens_seen": self.step * self.tokens_per_step}
             if skipped:
                 rec["skipped"] = True
                 bar.write(f"step {self.step}: fp16 overflow, step skipped, loss scale lowered")
@@ -404,7 +433,9 @@ class Trainer:
             self.history.append(rec)
             if self.is_logger and (self.step % t.log_interval == 0 or "val_loss" in rec):
                 line = (f"step {self.step:>6}/{t.steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {norm:.3f} | "
-                        f"tok/s {tps:,.0f} | mfu {rec['mfu']:.1%}")
+                        f"tok/s {tps:,.0f} | mfu {format_mfu(rec['mfu'])}")
+                if "mfu_datasheet" in rec:
+                    line += f" ({format_mfu(rec['mfu_datasheet'])} of the datasheet's bf16 peak)"
                 if "val_loss" in rec:
                     line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.2f}"
                 bar.write(line)
@@ -462,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides["run_dir"] = args.run_dir
         cfg = load_config(args.config, overrides)
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, LaunchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .checkpoint import CheckpointError

@@ -8,9 +8,11 @@ import json
 import os
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from tokenformer_mp.inference import documents, evaluate, load_model, tokenizer_for  # noqa: E402
+from tokenformer_mp.inference import DTYPES, default_dtype, documents, evaluate, load_model, tokenizer_for  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -21,10 +23,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--tokenizer-type")
     ap.add_argument("--tokenizer-model")
-    ap.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weights (default: bf16 on a GPU, else fp32); the loss is "
+                    "summed in fp32 either way")
     args = ap.parse_args(argv)
     try:
-        model, cfg = load_model(args.load, args.device)
+        model, cfg = load_model(args.load, args.device, args.dtype or default_dtype(args.device))
         tok = None if os.path.exists(args.data + ".idx") else tokenizer_for(cfg, args.tokenizer_type, args.tokenizer_model)
         result = evaluate(model, documents(args.data, tok, args.max_docs), args.batch_size)
     except (OSError, ValueError, RuntimeError) as e:

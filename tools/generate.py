@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from tokenformer_mp.inference import generate, load_model, tokenizer_for  # noqa: E402
+from tokenformer_mp.inference import DTYPES, default_dtype, generate, load_model, tokenizer_for  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -26,10 +26,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer-type")
     ap.add_argument("--tokenizer-model")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weights and KV cache (default: bf16 on a GPU, else fp32)")
     ap.add_argument("--no-kv-cache", action="store_true", help="re-read the whole context for every token")
     args = ap.parse_args(argv)
     try:
-        model, cfg = load_model(args.load, args.device)
+        model, cfg = load_model(args.load, args.device, args.dtype or default_dtype(args.device))
         tok = tokenizer_for(cfg, args.tokenizer_type, args.tokenizer_model)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=float, help="examples per task (a fraction below 1)")
     ap.add_argument("--num-fewshot", type=int)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weights (scores are fp32)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="weights and KV cache (scores are fp32); "
+                    "default bf16 on a GPU, fp32 on a CPU")
     ap.add_argument("--device", help="default: cuda when available")
     ap.add_argument("--tokenizer-type", help="default: the one the checkpoint was trained with")
     ap.add_argument("--tokenizer-model")

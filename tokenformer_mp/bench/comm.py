@@ -64,25 +64,35 @@ def count_collectives():
             setattr(backend, attr, fn)
 
 
+# Bytes of an element by precision: activations and the model's (low-precision) weights; the fp32 master copy keeps
+# gradient accumulation in fp32 under bf16 (train.deepspeed_config), so the tied embedding's gradient is fp32 too.
+ACTIVATION_BYTES = {"fp32": 4, "bf16": 2}
+
+
 def rank_bytes_per_step(cfg, dp: int, stage: int, stage_layers: int, params: int,
-                        elem_bytes: int = 4) -> dict[str, int]:
+                        precision: str = "fp32") -> dict[str, int] | None:
     """Analytic bytes one rank moves per optimizer step in the counter's convention (full-tensor bytes per
     collective, sends and receives each counted, scalars and groups of one rank left out), by what moves them, for
-    DeepSpeed 0.19 driving this model in fp32. `stage`: this rank's pipeline stage, holding `stage_layers` blocks;
-    `params`: the parameters this rank holds (ZeRO's flat buffer). M micro-batches of b tokens, hidden h:
+    DeepSpeed 0.19 driving this model in fp32 or bf16 (None for fp16: not modelled). `stage`: this rank's pipeline
+    stage, holding `stage_layers` blocks; `params`: the parameters this rank holds (ZeRO's flat buffer). M
+    micro-batches of b tokens, hidden h, activations of e bytes (4 in fp32, 2 in bf16):
       tp    tensor_parallel.tp_bytes_per_step for this stage's blocks, embedding and head, plus, without sequence
             parallelism, DeepSpeed's partitioned pipe tensors: a stage receiving activations all-gathers each
-            (M b h), a stage sending them all-gathers its kept outputs and the gradients it receives (2 M b h)
-      p2p   per neighbour, M activations one way and M gradients the other: b h each, or b h / TP plus a 7 + TP int64
-            partition header when partitioned, or b h / TP under sequence parallelism (each rank's own slice)
-      tied  the first and last stages all-reduce the tied embedding's gradient, V / TP rows of h
-      loss  the last stage broadcasts 2 floats of loss over the pipeline
-      dp    ZeRO all-reduces the gradients (once per step at stage 1, per micro-batch at stage 2) and all-gathers the
-            updated parameters, padded to a multiple of 2 x DP elements
+            (M b h e), a stage sending them all-gathers its kept outputs and the gradients it receives (2 M b h e)
+      p2p   per neighbour, M activations one way and M gradients the other: b h e each, or b h e / TP plus a 7 + TP
+            int64 partition header when partitioned, or b h e / TP under sequence parallelism (each rank's own slice)
+      tied  the first and last stages all-reduce the tied embedding's gradient, V / TP rows of h, in fp32
+      loss  the last stage broadcasts 2 fp32 losses over the pipeline
+      dp    the gradients reduced (once per step at ZeRO-1, also by bf16's BF16_Optimizer; per micro-batch at ZeRO-2)
+            in fp32, or in bf16 with parallel.grad_reduce_dtype bf16 under bf16, then the updated parameters
+            all-gathered in the model's dtype, padded to a multiple of 2 x DP elements
     """
+    if precision not in ACTIVATION_BYTES:
+        return None
     from ..parallel.tensor_parallel import tp_bytes_per_step
     m, t, par = cfg.model, cfg.train, cfg.parallel
-    M, b, h, e = t.grad_accum_steps, t.micro_batch_size * m.seq_length, m.hidden_size, elem_bytes
+    M, b, h, e = t.grad_accum_steps, t.micro_batch_size * m.seq_length, m.hidden_size, ACTIVATION_BYTES[precision]
+    reduce_e = 2 if precision == "bf16" and par.grad_reduce_dtype == "bf16" else 4
     first, last = stage == 0, stage == par.pp - 1
     sp = par.sequence_parallel and par.tp > 1
     partitioned = par.tp > 1 and not sp  # DeepSpeed's pipe_partitioned / grad_partitioned (train.deepspeed_config)
@@ -93,10 +103,10 @@ def rank_bytes_per_step(cfg, dp: int, stage: int, stage_layers: int, params: int
             out["tp"] += ((not first) + 2 * (not last)) * M * b * h * e
         message = b * h * e // par.tp + (7 + par.tp) * 8 * partitioned if par.tp > 1 else b * h * e
         out["p2p"] = 2 * M * message * ((not first) + (not last))
-        out["tied"] = (first or last) * m.vocab_size // par.tp * h * e
+        out["tied"] = (first or last) * m.vocab_size // par.tp * h * 4
         out["loss"] = 2 * 4
     if dp > 1:
         reductions = M if par.zero_stage == 2 else 1
         align = 2 * dp
-        out["dp"] = (reductions * params + -(-params // align) * align) * e
+        out["dp"] = reductions * params * reduce_e + -(-params // align) * align * e
     return out

@@ -24,22 +24,35 @@ def _rank_run(config: str, overrides: dict) -> dict:
     trainer = Trainer(cfg, datasets=(RandomTokens(n, cfg.model.seq_length, vocab), None), tokenizer=FixedVocab(vocab))
     trainer.save = lambda: None  # measuring steps, not checkpoints
     trainer.fit()
+    trainer.measure_peak()  # readings before and after the steps: the best of them is the device's peak
     with count_collectives() as counts:  # one more step, once the first step's one-off messages are behind
         trainer.train_step()
     tp_ranks = tuple(dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()))
     tp_bytes = sum(v for (op, ranks), v in counts.items() if ranks == tp_ranks and len(ranks) > 1)
-    analytic = None  # modelled for fp32 (CPU); in bf16 DeepSpeed's choice of gradient dtypes would need modelling too
-    if trainer.precision == "fp32":
-        analytic = rank_bytes_per_step(trainer.cfg, trainer.layout.dp, ps.get_pipeline_model_parallel_rank(),
-                                       sum(isinstance(m, Block) for m in trainer.model.modules()),
-                                       sum(p.numel() for p in trainer.model.parameters()))
+    analytic = rank_bytes_per_step(trainer.cfg, trainer.layout.dp, ps.get_pipeline_model_parallel_rank(),
+                                   sum(isinstance(m, Block) for m in trainer.model.modules()),
+                                   sum(p.numel() for p in trainer.model.parameters()), trainer.precision)
     out = {"history": trainer.history, "tp_bytes": tp_bytes, "analytic": analytic,
            "all_bytes": sum(v for (op, ranks), v in counts.items() if len(ranks) > 1),
            "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
-           "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak_flops}
+           "flops_per_token": trainer.flops_per_token, "peak": trainer.matmul_peak.summary(),
+           "datasheet_peak": trainer.datasheet_peak}
     dist.barrier()
     dist.destroy_process_group()
     ps.destroy_model_parallel()
+    return out
+
+
+def _mfu(tokens_per_s: float, results: list[dict]) -> dict:
+    """MFU of the median step against every rank's best matmul reading (and the datasheet's bf16 peak where known);
+    `mfu_suspect` flags an MFU above 1, which only a peak that read low can give."""
+    r = results[0]
+    peak = max(x["peak"]["matmul_peak_flops"] for x in results)
+    flops = tokens_per_s * r["flops_per_token"] / len(results)
+    out = {"mfu": flops / peak, **r["peak"], "matmul_peak_flops": peak}
+    out["mfu_suspect"] = out["mfu"] > 1
+    if r["datasheet_peak"]:
+        out["mfu_datasheet"] = flops / r["datasheet_peak"]
     return out
 
 
@@ -59,7 +72,7 @@ def measure(config: str, overrides: dict, world: int = 1, warmup: int = 2) -> di
     return {"layout": f"tp{p.tp}{sp} pp{p.pp} dp{world // (p.tp * p.pp)}", "world": world,
             "step_time_s": statistics.median(h["step_time_s"] for h in hist),
             "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist),
-            "mfu": statistics.median(h["mfu"] for h in hist), "matmul_peak_flops": results[0]["peak_flops"],
+            **_mfu(statistics.median(h["tokens_per_s"] for h in hist), results),
             "tp_bytes_per_step": sum(r["tp_bytes"] for r in one_tp_group),
             "tp_bytes_analytic": sum(r["analytic"]["tp"] for r in one_tp_group) if modelled else None,
             "bytes_per_step": sum(counted), "bytes_analytic": sum(analytic) if modelled else None,

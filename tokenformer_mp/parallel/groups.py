@@ -5,13 +5,19 @@ mismatch the groups DeepSpeed's pipeline grid builds from its topology.
 """
 from __future__ import annotations
 
+import math
+
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 
-def initialize(tp: int, pp: int) -> None:
+def initialize(tp: int, pp: int, timeout_s: int = 600) -> None:
     if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        # No gloo side groups: nothing here uses them, and across nodes they need TCP between hosts besides NCCL's
+        # network (a classic multi-node hang).
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
+                                     create_gloo_process_groups=False)
     world = dist.get_world_size()
     rank = dist.get_rank()
     dp = world // (tp * pp)

@@ -7,12 +7,14 @@ discovered one.
 from __future__ import annotations
 
 import ctypes
+import datetime
 import logging
 import os
 import socket
 import subprocess
 from dataclasses import dataclass
 
+import deepspeed
 import torch
 import torch.distributed as dist
 
@@ -48,7 +50,34 @@ def _first_slurm_host(nodelist: str) -> str:
         return head
 
 
-def discover(env: dict[str, str] | None = None) -> LaunchEnv:
+class LaunchError(RuntimeError):
+    """The launch environment cannot work (ranks that disagree, a device that does not exist); names what to fix."""
+
+
+def _mpi4py_world() -> tuple[int, int]:
+    from mpi4py import MPI  # MPI_Init: only when the environment lacks what we need
+    return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+
+
+def _mpi_ranks(env: dict[str, str]) -> tuple[int, int | None, int, str]:
+    """(rank, world size or None, local rank, variables) from an MPI launcher's environment: Open MPI's OMPI_*,
+    MPICH / Intel MPI's PMI_*, PMIx's PMIX_RANK (no size: mpi4py gives it)."""
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)), "OMPI_COMM_WORLD_RANK/SIZE")
+    local = int(env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK", env.get("PMIX_LOCAL_RANK", 0))))
+    if "PMI_RANK" in env:
+        return int(env["PMI_RANK"]), int(env["PMI_SIZE"]) if "PMI_SIZE" in env else None, local, "PMI_RANK/PMI_SIZE"
+    return int(env["PMIX_RANK"]), None, local, "PMIX_RANK"
+
+
+def discover(env: dict[str, str] | None = None, mpi_world=_mpi4py_world) -> LaunchEnv:
+    """Rank, world size, node-local rank and rendezvous address from whichever launcher started this process.
+
+    Under MPI the ranks come from the launcher's variables, never from mpi4py alone: mpi4py built against another MPI
+    than the launcher's starts every process as rank 0 of 1, and N independent runs would share one run directory.
+    mpi4py is asked only for what the environment lacks (the world size under PMIx, the rendezvous address), and
+    must then agree with the environment."""
     env = dict(os.environ if env is None else env)
     port = int(env.get("MASTER_PORT", 0))
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, the deepspeed launcher, or set by hand
@@ -60,20 +89,23 @@ def discover(env: dict[str, str] | None = None) -> LaunchEnv:
         rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0))
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
         port = port or 29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000
-    elif "OMPI_COMM_WORLD_RANK" in env or "PMI_RANK" in env or "PMIX_RANK" in env:  # mpirun
+    elif any(k in env for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")):  # mpirun / mpiexec
         launcher = "mpirun"
-        if "OMPI_COMM_WORLD_RANK" in env:
-            rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
-            local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0))
-        else:
-            from mpi4py import MPI
-            comm = MPI.COMM_WORLD
-            rank, world = comm.Get_rank(), comm.Get_size()
-            local = int(env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK", 0)))
+        rank, world, local, source = _mpi_ranks(env)
         addr = env.get("MASTER_ADDR")
-        if addr is None or not port:
-            from mpi4py import MPI  # rank 0 tells everyone where to meet
-            addr, port = MPI.COMM_WORLD.bcast((addr or socket.gethostname(), port or 29500), root=0)
+        if world is None or addr is None or not port:
+            mpi_rank, mpi_size = mpi_world()
+            if (mpi_rank, mpi_size) != (rank, world if world is not None else mpi_size):
+                raise LaunchError(
+                    f"mpi4py says rank {mpi_rank} of {mpi_size}, the launcher's {source} say rank {rank}"
+                    f"{'' if world is None else f' of {world}'}: mpi4py is built against another MPI than the one that "
+                    f"launched this job (requirements.txt installs Open MPI's). Export MASTER_ADDR and MASTER_PORT "
+                    f"(then mpi4py is not needed{'' if world is not None else ' once PMI_SIZE is set'}), or rebuild "
+                    f"mpi4py against your MPI: pip install --no-binary=mpi4py mpi4py")
+            world = mpi_size
+            if addr is None or not port:
+                from mpi4py import MPI  # rank 0 tells everyone where to meet
+                addr, port = MPI.COMM_WORLD.bcast((addr or socket.gethostname(), port or 29500), root=0)
     else:
         launcher, rank, world, local = "single", 0, 1, 0
         addr = env.get("MASTER_ADDR", "127.0.0.1")
@@ -81,33 +113,41 @@ def discover(env: dict[str, str] | None = None) -> LaunchEnv:
     return LaunchEnv(launcher, rank, world, local, addr, port or 29500)
 
 
-def local_rank(env: dict[str, str] | None = None) -> int:
-    """This process's index on its node, as discover() would find it, but without MPI calls: the device is picked
-    before the process group starts. Under srun nothing sets LOCAL_RANK, so SLURM_LOCALID must be read here, or
-    every task of a node would take GPU 0."""
-    env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
-        return int(env.get("SLURM_LOCALID", 0))
-    for key in ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK"):
-        if key in env:
-            return int(env[key])
-    return 0
-
-
-def export(le: LaunchEnv) -> None:
-    os.environ.update(RANK=str(le.rank), WORLD_SIZE=str(le.world_size), LOCAL_RANK=str(le.local_rank),
-                      MASTER_ADDR=le.master_addr, MASTER_PORT=str(le.master_port))
+def device_index(local_rank: int, visible: int) -> int:
+    """Which of the GPUs this process sees it drives. One visible (srun --gpus-per-task=1, --gpu-bind, a per-task
+    CUDA_VISIBLE_DEVICES): that one, cuda:0, whatever the local rank. Several: the one at the local rank."""
+    if visible < 1:
+        raise LaunchError("no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES, srun --gpus-per-task)")
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise LaunchError(f"local rank {local_rank} but only {visible} GPUs are visible to this process: launch one "
+                          f"task per GPU (srun --ntasks-per-node=GPUS, torchrun --nproc-per-node=GPUS)")
+    return local_rank
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is visible")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
+            raise LaunchError("train.device=cuda but no CUDA device is visible")
+        index = device_index(local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def launch_variables(le: LaunchEnv, device: torch.device, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The standard variables to export before any library starts. DeepSpeed takes the GPU index from LOCAL_RANK in
+    three places (init_process_group's device_id, the engine's set_device, PipelineModule.to), so on a GPU LOCAL_RANK
+    is the chosen device's index, not the node-local rank: with one visible GPU per task that is 0 on every task. The
+    engine also asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK under Open MPI, so that one follows (already read)."""
+    env = os.environ if env is None else env
+    local = str(device.index if device.type == "cuda" else le.local_rank)
+    out = dict(RANK=str(le.rank), WORLD_SIZE=str(le.world_size), LOCAL_RANK=local, MASTER_ADDR=le.master_addr,
+               MASTER_PORT=str(le.master_port))
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in env:
+        out["OMPI_COMM_WORLD_LOCAL_RANK"] = local
+    return out
 
 
 def hold_freed_host_memory() -> bool:
@@ -130,10 +170,9 @@ def hold_freed_host_memory() -> bool:
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, -1))
 
 
-def init_distributed(device: torch.device, timeout_s: int = 600) -> LaunchEnv:
-    """Discover the launch, export it, and start the default process group (NCCL on GPU, gloo on CPU)."""
-    le = discover()
-    export(le)
+def init_distributed(le: LaunchEnv, device: torch.device, timeout_s: int = 600) -> None:
+    """Export the launch (launch_variables) and start the default process group (NCCL on GPU, gloo on CPU)."""
+    os.environ.update(launch_variables(le, device))
     if device.type == "cpu":
         if "OMP_NUM_THREADS" not in os.environ:
             # Ranks sharing a machine share its cores: one BLAS pool each of cores/ranks, not cores each.
@@ -141,13 +180,9 @@ def init_distributed(device: torch.device, timeout_s: int = 600) -> LaunchEnv:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
         hold_freed_host_memory()
     if not dist.is_initialized():
-        import datetime
-        import deepspeed
-
         backend = "nccl" if device.type == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s))
     if le.rank == 0:
-        log.info("launcher=%s world_size=%d master=%s:%d device=%s", le.launcher, le.world_size, le.master_addr,
-                 le.master_port, device)
-    return le
+        log.info("launcher=%s world_size=%d master=%s:%d device=%s (LOCAL_RANK=%s)", le.launcher, le.world_size,
+                 le.master_addr, le.master_port, device, os.environ["LOCAL_RANK"])

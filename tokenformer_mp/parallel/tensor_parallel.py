@@ -302,7 +302,7 @@ def apply_tensor_parallel(module: nn.Module, group, sequence_parallel: bool = Fa
 
 
 def tp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro_batches: int, tp: int,
-                      elem_bytes: int = 4, sequence_parallel: bool = False, embedding: bool = True,
+                      act_bytes: int = 4, sequence_parallel: bool = False, embedding: bool = True,
                       head: bool = True) -> int:
     """Analytic tensor-parallel traffic of one optimizer step, summed over all pipeline stages of one TP group, as
     full-tensor bytes per collective (the README's table). b = tokens per micro-batch, h = hidden:
@@ -316,14 +316,15 @@ def tp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro
       embedding and head: reduce-scatter + all-gather [b,h] (embedding), all-gather [b,h] forward before the final
                  norm, all-reduce [b,h] backward after the head, 3 all-reduce [b] = 4 b h + 3 b
     `embedding` / `head`: whether the count includes those (one pipeline stage's share leaves out what it lacks).
+    `act_bytes`: an activation element's size (2 in bf16); the per-row statistics ([b]) are fp32 in any precision.
     """
     if tp == 1:
         return 0
-    b, h = tokens_per_micro, hidden
+    b, h, stat = tokens_per_micro, hidden, 4
     ends = 2 if sequence_parallel else 1  # [b,h] collectives of the embedding, and of the head with its input
-    per_micro = num_layers * ((18 if sequence_parallel else 12) * b * h + 10 * b)
-    per_micro += embedding * ends * b * h + head * (ends * b * h + 3 * b)
-    return per_micro * micro_batches * elem_bytes
+    per_micro = num_layers * ((18 if sequence_parallel else 12) * b * h * act_bytes + 10 * b * stat)
+    per_micro += embedding * ends * b * h * act_bytes + head * (ends * b * h * act_bytes + 3 * b * stat)
+    return per_micro * micro_batches
 
 
 __all__ = ["apply_tensor_parallel", "shard_range", "gather", "reduce_scatter", "sum_over_shards",
