@@ -16,7 +16,7 @@ from tokenformer_mp.checkpoint import (CheckpointError, load_weights, model_conf
                                        verify, write_layout_free)
 from tokenformer_mp.config import Config, ModelConfig
 from tokenformer_mp.convert import (export_neox, export_safetensors, import_neox, model_config_from_neox,
-                                    ours_to_neox)
+                                    ours_to_neox, tokenizer_from_neox)
 from tokenformer_mp.inference import load_model
 from tokenformer_mp.model import TokenFormer
 from tokenformer_mp.reshard import ExpandPlan, reshard
@@ -187,6 +187,11 @@ def test_neox_config_fields_are_honoured_or_refused_by_name(tmp_path):
         model_config_from_neox({**base, "norm": "layernorm"}, sd)
     with pytest.raises(ValueError, match="padded_vocab_size: missing"):
         model_config_from_neox(base)
+    assert tokenizer_from_neox(base) == {}  # "tokenizer-type" but no vocab file
+    assert tokenizer_from_neox({**base, "vocab-file": "./tokenizer.json"}) == {"tokenizer_type": "HFTokenizer",
+                                                                                "tokenizer_model": "./tokenizer.json"}
+    with pytest.raises(ValueError, match="tokenizer_type 'GPT2BPETokenizer'"):
+        tokenizer_from_neox({"tokenizer_type": "GPT2BPETokenizer", "vocab_file": "gpt2.json"})
     with pytest.raises(ValueError, match="model.rotary_pct"):  # our own validation: int(16 * 0.2) rotary dims is odd
         model_config_from_neox({**base, "rotary_pct": 0.2}, sd)
     # imported, the honoured fields reach the model: its function is the one they define, not the defaults'

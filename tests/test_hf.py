@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.conftest import MINIPILE, SHARED, assert_close_to_scale
 from tokenformer_mp.checkpoint import load_weights, write_layout_free
 from tokenformer_mp.config import NORMS, Config, ModelConfig, load_config
-from tokenformer_mp.convert import export_neox, import_neox, model_config_from_neox
+from tokenformer_mp.convert import export_neox, import_neox, model_config_from_neox, tokenizer_from_neox
 from tokenformer_mp.data.reader import read_texts
 from tokenformer_mp.hf.export import export_hf, hf_model, sentencepiece_to_tokenizers
 from tokenformer_mp.inference import generate, load_model
@@ -202,8 +202,9 @@ def test_official_weights_after_import_neox_export_to_hf(tmp_path):
     import yaml
     neox_cfg = yaml.safe_load(open(tmp_path / "neox" / "config.yml"))
     sd = torch.load(tmp_path / "neox" / "pytorch_model.bin", weights_only=True)
-    import_neox(sd, model_config_from_neox(neox_cfg, sd), str(tmp_path / "imported"))
-    export_hf(str(tmp_path / "imported"), str(tmp_path / "hf"), tokenizer_type="HFTokenizer", tokenizer_model=NEOX)
+    assert tokenizer_from_neox(neox_cfg) == {"tokenizer_type": "HFTokenizer", "tokenizer_model": NEOX}
+    import_neox(sd, model_config_from_neox(neox_cfg, sd), str(tmp_path / "imported"), tokenizer_from_neox(neox_cfg))
+    export_hf(str(tmp_path / "imported"), str(tmp_path / "hf"))  # the tokenizer named in the YAML came along
     model = TokenFormer(cfg)
     load_weights(model, str(tmp_path / "ours"))
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32)

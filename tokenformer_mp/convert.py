@@ -11,7 +11,7 @@ import shutil
 import torch
 
 from .checkpoint import load_weights, model_config_of, write_atomic, write_layout_free
-from .config import Config, ConfigError, ModelConfig, validate
+from .config import Config, ConfigError, DataConfig, ModelConfig, validate
 
 # GPT-NeoX pipeline names (sequential.0 = embedding, 2..L+1 = layers, L+3 = final norm) -> ours, as one table.
 NEOX_LAYER = {
@@ -89,6 +89,20 @@ def model_config_from_neox(cfg: dict, state_dict: dict[str, torch.Tensor] | None
     return model
 
 
+NEOX_TOKENIZERS = {"HFTokenizer": "HFTokenizer", "SPMTokenizer": "SentencePieceTokenizer"}  # theirs -> ours
+
+
+def tokenizer_from_neox(cfg: dict) -> dict:
+    """The tokenizer a GPT-NeoX config names (tokenizer_type, vocab_file) as our data fields; {} when it names none."""
+    cfg = {k.replace("-", "_"): v for k, v in cfg.items()}
+    if not cfg.get("vocab_file"):
+        return {}
+    kind = cfg.get("tokenizer_type", "HFTokenizer")
+    if kind not in NEOX_TOKENIZERS:
+        raise ValueError(f"GPT-NeoX config: tokenizer_type {kind!r}: {', '.join(NEOX_TOKENIZERS)} can be recorded")
+    return {"tokenizer_type": NEOX_TOKENIZERS[kind], "tokenizer_model": cfg["vocab_file"]}
+
+
 def neox_config(cfg: ModelConfig, data: dict | None = None) -> dict:
     """Our ModelConfig as the reference's config fields (the inverse of model_config_from_neox)."""
     out = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_heads,
@@ -99,14 +113,16 @@ def neox_config(cfg: ModelConfig, data: dict | None = None) -> dict:
            "make_vocab_size_divisible_by": cfg.pad_vocab_multiple, "use_bias_in_attn_linear": False,
            "attention_config": [[["tokenformer"], cfg.num_layers]]}
     out.update({k: want for k, (_, want) in NEOX_FIXED.items()})
-    if data and data.get("tokenizer_model"):  # GPT-NeoX calls a SentencePiece model an SPMTokenizer
-        kind = {"SentencePieceTokenizer": "SPMTokenizer"}.get(data["tokenizer_type"], data["tokenizer_type"])
-        out.update({"tokenizer_type": kind, "vocab_file": data["tokenizer_model"]})
+    if data and data.get("tokenizer_model"):
+        theirs = {ours: name for name, ours in NEOX_TOKENIZERS.items()}[data["tokenizer_type"]]
+        out.update({"tokenizer_type": theirs, "vocab_file": data["tokenizer_model"]})
     return out
 
 
-def import_neox(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out: str) -> None:
-    """Write the official weights as a layout-free checkpoint (weights only), ready to train, grow or reshard."""
+def import_neox(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out: str,
+                tokenizer: dict | None = None) -> None:
+    """Write the official weights as a layout-free checkpoint (weights only), ready to train, grow or reshard.
+    tokenizer: data fields to record with it (tokenizer_from_neox), so generation and evaluation find it."""
     tensors, unknown = {}, []
     for name, t in state_dict.items():
         try:
@@ -124,7 +140,7 @@ def import_neox(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out
                  if n in tensors and tuple(tensors[n].shape) != s]
     if problems:
         raise ValueError("cannot import:\n  " + "\n  ".join(problems))
-    cfg = Config(model=model_cfg)
+    cfg = Config(model=model_cfg, data=DataConfig(**(tokenizer or {})))
     write_layout_free(tensors, cfg, out, {"imported_from": "gpt-neox pipeline state dict"})
 
 

@@ -14,7 +14,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from tokenformer_mp.checkpoint import CheckpointError  # noqa: E402
-from tokenformer_mp.convert import export_neox, export_safetensors, import_neox, model_config_from_neox  # noqa: E402
+from tokenformer_mp.convert import (export_neox, export_safetensors, import_neox, model_config_from_neox,  # noqa: E402
+                                    tokenizer_from_neox)
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
             with open(args.neox_config) as f:
                 neox = yaml.safe_load(f)
             sd = torch.load(args.state_dict, map_location="cpu", weights_only=True)
-            import_neox(sd, model_config_from_neox(neox, sd), args.save)
+            import_neox(sd, model_config_from_neox(neox, sd), args.save, tokenizer_from_neox(neox))
         elif args.cmd == "export-neox":
             export_neox(args.load, args.save)
         elif args.cmd == "export":
