@@ -211,8 +211,8 @@ def test_neox_config_fields_are_honoured_or_refused_by_name(tmp_path):
 def test_grown_checkpoint_is_refused_by_export_neox(ckpt, tmp_path):
     src, _ = ckpt
     reshard(src, str(tmp_path / "grown"), expand=ExpandPlan({"qkv": 31, "proj": 18, "ffn": 77}), progress=False)
-    with pytest.raises(ValueError, match=r"grown checkpoint \(qkv_scale_tokens=30 with qkv_tokens=31, "
-                                         r"ffn_scale_tokens=70 with ffn_tokens=77\).*tau = sqrt\(current token count\)"):
+    with pytest.raises(ValueError, match=r"grown checkpoint \(qkv_scale_tokens=30 with qkv_tokens=31, ffn_scale_"
+                                         r"tokens=70 with ffn_tokens=77\).*tau = sqrt\(current token count\)"):
         export_neox(str(tmp_path / "grown"), str(tmp_path / "neox"))
     assert not os.path.exists(tmp_path / "neox") and not os.path.exists(tmp_path / "neox.partial")
     assert main(["export-neox", "--load", str(tmp_path / "grown"), "--save", str(tmp_path / "neox")]) == 2

@@ -20,6 +20,7 @@ from tokenformer_mp.inference import generate, load_model
 from tokenformer_mp.model import TokenFormer
 from tokenformer_mp.reshard import ExpandPlan, reshard
 from tokenformer_mp.tokenizer import build_tokenizer
+from tools.convert_checkpoint import main
 
 NEOX = str(SHARED / "tokenizers/gpt-neox-20b/tokenizer.json")
 DEBUG = load_config("configs/debug.yaml").model  # the debug model's shape, at a 1,024-id vocabulary
@@ -112,7 +113,10 @@ def test_grown_checkpoint_keeps_its_pinned_tau(minipile, tmp_path):
             expand=ExpandPlan({"qkv": 45, "proj": 40, "ffn": 100}, key_init="normal"))
     grown, _ = load_model(str(tmp_path / "grown"))
     assert (grown.cfg.qkv_tokens, grown.cfg.qkv_scale_tokens) == (45, 30)
-    export_hf(str(tmp_path / "grown"), str(tmp_path / "hf"))
+    assert main(["export-hf", "--load", str(tmp_path / "grown"), "--save", str(tmp_path / "bad"), "--tokenizer-type",
+                 "HFTokenizer", "--tokenizer-model", str(tmp_path / "none.json")]) == 2  # named, nothing written
+    assert not os.path.exists(tmp_path / "bad") and not os.path.exists(tmp_path / "bad.partial")
+    assert main(["export-hf", "--load", str(tmp_path / "grown"), "--save", str(tmp_path / "hf")]) == 0  # the tool
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32)
     x = TOKENS[:, :64]
     with torch.no_grad():
@@ -190,7 +194,7 @@ def test_bf16_export_loads_without_the_project(debug_export, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=300)
     with torch.no_grad():
-        assert_close_to_scale(torch.load(tmp_path / "y.pt"), model(TOKENS), 5e-2, "bf16 export vs fp32 project")
+        assert_close_to_scale(torch.load(tmp_path / "y.pt"), model(TOKENS), 2e-2, "bf16 export vs fp32 project")  # 9e-3
 
 
 def test_official_weights_after_import_neox_export_to_hf(tmp_path):

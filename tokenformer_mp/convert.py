@@ -177,7 +177,11 @@ def atomic_dir(out_dir: str):
     partial = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    yield partial
+    try:
+        yield partial
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(partial, out_dir)

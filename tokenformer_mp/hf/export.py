@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 
+import sentencepiece as spm
 import torch
+from sentencepiece import sentencepiece_model_pb2 as pb
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizerObject
 from tokenizers.models import BPE
@@ -14,13 +16,11 @@ from transformers import PreTrainedTokenizerFast
 
 from ..config import ModelConfig
 from ..convert import atomic_dir
-from ..inference import load_model, tokenizer_for
+from ..inference import DTYPES, load_model, tokenizer_for
 from ..tokenizer import HFTokenizer, Tokenizer
 from . import hf_config_dict
 from .configuration_tokenformer import TokenFormerConfig
 from .modeling_tokenformer import TokenFormerForCausalLM
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def hf_config(cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> TokenFormerConfig:
@@ -41,9 +41,6 @@ def sentencepiece_to_tokenizers(model_path: str) -> HFTokenizerObject:
     """A SentencePiece BPE model as a `tokenizers` BPE with the same ids and text, for the settings
     tools/train_tokenizer.py writes (identity normalisation, whitespace kept, byte fallback); others are refused
     by name. The merges are SentencePiece's pieces by score: its BPE merges the best-scoring pair first."""
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     proto = pb.ModelProto()
     with open(model_path, "rb") as f:
         proto.ParseFromString(f.read())
@@ -98,7 +95,7 @@ def export_hf(path: str, out_dir: str, dtype: str = "fp32", tokenizer_type: str 
     """Write the Hugging Face directory for any checkpoint or export (written whole under a temporary name)."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
-    model, config = load_model(path)
+    model, config = load_model(path)  # fp32: the cast below is the export's only rounding
     tok = tokenizer_for(config, tokenizer_type, tokenizer_model)
     if tok.vocab_size > model.cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} ids, more than the model's {model.cfg.vocab_size} rows")
