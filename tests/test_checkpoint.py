@@ -18,10 +18,12 @@ from tests.runs import evaluate_after_load, train
 from tokenformer_mp.checkpoint import (CheckpointError, load_weights, model_config_of, read_latest, read_manifest,
                                        verify, write_layout_free)
 from tokenformer_mp.config import Config, ModelConfig
-from tokenformer_mp.convert import NEOX_LAYER, export_safetensors, import_neox
+from tokenformer_mp.convert import (export_neox, export_safetensors, import_neox, model_config_from_neox,
+                                    ours_to_neox, tokenizer_from_neox)
 from tokenformer_mp.inference import load_model
 from tokenformer_mp.model import TokenFormer
 from tokenformer_mp.reshard import ExpandPlan, reshard
+from tools.convert_checkpoint import main
 
 CFG = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, qkv_tokens=30, proj_tokens=18, ffn_tokens=70,
                   seq_length=32, vocab_size=256)
@@ -126,18 +128,12 @@ def test_corruption_and_mismatch_are_named(ckpt, tmp_path):
 
 
 def test_import_official_layout_and_export(ckpt, tmp_path):
-    """A state dict in the reference's GPT-NeoX pipeline names imports to the same function; export round trips."""
+    """A state dict in the reference's GPT-NeoX pipeline names imports to the same function; export round trips; the
+    official layout round trips bitwise: import -> export-neox -> import gives the same tensor files."""
     _, model = ckpt
-    inverse = {v: k for k, v in NEOX_LAYER.items()}
-    sd = {}
-    for name, p in model.named_parameters():
-        if name == "embed.weight":
-            sd["sequential.0.word_embeddings.weight"] = p.detach()
-        elif name.startswith("final_norm."):
-            sd[f"sequential.{CFG.num_layers + 3}.norm.{name.split('.')[1]}"] = p.detach()
-        else:
-            _, i, rest = name.split(".", 2)
-            sd[f"sequential.{int(i) + 2}.{inverse[rest]}"] = p.detach()
+    sd = {ours_to_neox(name, CFG.num_layers): p.detach() for name, p in model.named_parameters()}
+    assert torch.equal(sd["sequential.2.mlp.key_param_tokens"], model.layers[0].ffn.key_tokens)  # the reference's names
+    assert f"sequential.{CFG.num_layers + 3}.norm.bias" in sd and "sequential.0.word_embeddings.weight" in sd
     sd["sequential.2.attention.rotary_emb.inv_freq"] = torch.ones(4)  # buffers are recomputed, not imported
     import_neox(sd, CFG, str(tmp_path / "imported"))
     with torch.no_grad():
@@ -147,9 +143,82 @@ def test_import_official_layout_and_export(ckpt, tmp_path):
     exported, _ = load_model(str(tmp_path / "export"))
     with torch.no_grad():
         torch.testing.assert_close(exported(TOKENS), expected, rtol=0, atol=0)
+
+    assert main(["export-neox", "--load", str(tmp_path / "imported"), "--save", str(tmp_path / "neox")]) == 0
+    back = torch.load(tmp_path / "neox" / "pytorch_model.bin", weights_only=True)
+    assert sorted(back) == sorted(k for k in sd if "inv_freq" not in k)
+    assert all(torch.equal(back[k], sd[k]) for k in back)
+    assert main(["import-neox", "--state-dict", str(tmp_path / "neox" / "pytorch_model.bin"), "--neox-config",
+                 str(tmp_path / "neox" / "config.yml"), "--save", str(tmp_path / "again")]) == 0
+    a, b = read_manifest(str(tmp_path / "imported")), read_manifest(str(tmp_path / "again"))
+    assert {k: v["sha256"] for k, v in a["tensors"].items()} == {k: v["sha256"] for k, v in b["tensors"].items()}
+    assert a["model"] == b["model"]
     sd["sequential.99.mystery"] = torch.zeros(1)
     with pytest.raises(ValueError, match="sequential.99.mystery"):
         import_neox(sd, CFG, str(tmp_path / "bad"))
+
+
+# The fields of the reference's own configs/tokenformer/150M_train_pile.yml (JSON with comments, as it ships).
+NEOX_YML = """{
+  "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+  "qkv_slot_num": 30, "proj_slot_num": 18, "ffn_slot_num": 70,
+  "seq_length": 32, "max_position_embeddings": 32,
+  "pos_emb": "rotary", "rotary_pct": 0.25, "no_weight_tying": false,
+  "norm": "layernorm_nonparam", "final_norm": "layernorm", "gpt_j_residual": false,
+  "norm_activation_type": "l2_norm_gelu", # "l2_norm_gelu", "gelu_l2_norm", "softmax"
+  "tokenizer-type": "HFTokenizer",
+}"""
+
+
+def test_neox_config_fields_are_honoured_or_refused_by_name(tmp_path):
+    import yaml
+    base = yaml.safe_load(NEOX_YML)
+    sd = {"sequential.0.word_embeddings.weight": torch.zeros(256, 64)}
+    cfg = model_config_from_neox(base, sd)
+    assert (cfg.vocab_size, cfg.rotary_pct, cfg.rotary_base, cfg.layernorm_eps) == (256, 0.25, 10000.0, 1e-5)
+    honoured = model_config_from_neox({**base, "layernorm_epsilon": 1e-3, "rotary_emb_base": 500, "rotary-pct": 0.5,
+                                       "padded_vocab_size": 512}, sd)
+    assert (honoured.layernorm_eps, honoured.rotary_base, honoured.rotary_pct, honoured.vocab_size) == (1e-3, 500, 0.5,
+                                                                                                          512)
+    no_pct = {k: v for k, v in base.items() if k != "rotary_pct"}
+    assert model_config_from_neox(no_pct, sd).rotary_pct == 1.0  # GPT-NeoX's default, not ours
+    with pytest.raises(ValueError, match=r"pos_emb: 'alibi', only 'rotary' imports"):
+        model_config_from_neox({**base, "pos_emb": "alibi"}, sd)
+    with pytest.raises(ValueError, match=r"pos_emb: 'learned' \(the default when absent\)"):
+        model_config_from_neox({k: v for k, v in base.items() if k != "pos_emb"}, sd)
+    with pytest.raises(ValueError, match=r"norm: 'layernorm', only 'layernorm_nonparam'"):
+        model_config_from_neox({**base, "norm": "layernorm"}, sd)
+    with pytest.raises(ValueError, match="padded_vocab_size: missing"):
+        model_config_from_neox(base)
+    assert tokenizer_from_neox(base) == {}  # "tokenizer-type" but no vocab file
+    assert tokenizer_from_neox({**base, "vocab-file": "./tokenizer.json"}) == {"tokenizer_type": "HFTokenizer",
+                                                                                "tokenizer_model": "./tokenizer.json"}
+    with pytest.raises(ValueError, match="tokenizer_type 'GPT2BPETokenizer'"):
+        tokenizer_from_neox({"tokenizer_type": "GPT2BPETokenizer", "vocab_file": "gpt2.json"})
+    with pytest.raises(ValueError, match="model.rotary_pct"):  # our own validation: int(16 * 0.2) rotary dims is odd
+        model_config_from_neox({**base, "rotary_pct": 0.2}, sd)
+    # imported, the honoured fields reach the model: its function is the one they define, not the defaults'
+    torch.manual_seed(0)
+    ref = TokenFormer(honoured).eval()
+    sd = {ours_to_neox(n, 2): p.detach() for n, p in ref.named_parameters()}
+    fields = {**base, "layernorm_epsilon": 1e-3, "rotary_emb_base": 500, "rotary-pct": 0.5}
+    import_neox(sd, model_config_from_neox(fields, sd), str(tmp_path / "imported"))
+    x = TOKENS % 256
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(str(tmp_path / "imported"), x), ref(x), rtol=0, atol=0)
+        default = TokenFormer(ModelConfig(**{**honoured.__dict__, "layernorm_eps": 1e-5, "rotary_base": 10000.0}))
+        default.load_state_dict(ref.state_dict())
+        assert not torch.allclose(default.eval()(x), ref(x), atol=1e-4)
+
+
+def test_grown_checkpoint_is_refused_by_export_neox(ckpt, tmp_path):
+    src, _ = ckpt
+    reshard(src, str(tmp_path / "grown"), expand=ExpandPlan({"qkv": 31, "proj": 18, "ffn": 77}), progress=False)
+    with pytest.raises(ValueError, match=r"grown checkpoint \(qkv_scale_tokens=30 with qkv_tokens=31, ffn_scale_"
+                                         r"tokens=70 with ffn_tokens=77\).*tau = sqrt\(current token count\)"):
+        export_neox(str(tmp_path / "grown"), str(tmp_path / "neox"))
+    assert not os.path.exists(tmp_path / "neox") and not os.path.exists(tmp_path / "neox.partial")
+    assert main(["export-neox", "--load", str(tmp_path / "grown"), "--save", str(tmp_path / "neox")]) == 2
 
 
 def _grown_2x(path: str) -> dict:

@@ -92,3 +92,21 @@ def test_global_batch_is_the_recipe_at_any_gpu_count():
         validate(both, check_paths=False)
     debug = load_config("configs/debug.yaml").train  # accumulation steps given: the global batch grows with DP
     assert [debug.global_batch(dp) for dp in (1, 2)] == [16, 32]
+
+
+def test_paper_configs_use_the_bundled_tokenizer():
+    """Every paper config names the GPT-NeoX-20B tokenizer shipped in the repository (not a path beside a checkout),
+    and it fits the configs' 50,304-row embedding."""
+    import glob
+    import os
+
+    from tests.conftest import REPO, SHARED
+    from tokenformer_mp.tokenizer import build_tokenizer
+    paths = {load_config(c).data.tokenizer_model for c in glob.glob(str(REPO / "configs" / "tokenformer-*.yaml"))}
+    assert paths == {"tokenizers/gpt-neox-20b/tokenizer.json"}
+    tok = build_tokenizer("HFTokenizer", str(REPO / paths.pop()))
+    assert (tok.vocab_size, tok.eod, tok.pad) == (50277, 0, 1)
+    assert os.path.exists(REPO / "tokenizers" / "gpt-neox-20b" / "LICENSE")
+    shared = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+    if shared.exists():  # the same file the tests use
+        assert shared.read_bytes() == (REPO / "tokenizers" / "gpt-neox-20b" / "tokenizer.json").read_bytes()

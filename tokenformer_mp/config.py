@@ -159,12 +159,21 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where the metrics go besides run_dir/metrics.jsonl (written by global rank 0 only)."""
+    tensorboard: bool = True  # run_dir/tensorboard
+    wandb_project: str | None = None  # a Weights & Biases project; None: no W&B
+    wandb_mode: str = "online"  # online, or offline (a run directory under run_dir/wandb, `wandb sync` later)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     run_dir: str = "runs/debug"
 
     def to_dict(self) -> dict:
@@ -410,6 +419,9 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
         need(world_size % (p.tp * p.pp) == 0, "parallel",
              f"tp*pp = {p.tp}*{p.pp} does not divide the world size {world_size}")
         t.accum_steps(world_size // (p.tp * p.pp))  # a global batch the data-parallel ranks cannot share
+
+    need(cfg.logging.wandb_mode in ("online", "offline"), "logging.wandb_mode",
+         f"{cfg.logging.wandb_mode!r}: online or offline")
 
     d = cfg.data
     shares = _split_shares(d.split)

@@ -22,16 +22,28 @@ def default_dtype(device: str) -> str:
 
 
 def load_model(path: str, device: str = "cpu", dtype: str = "fp32") -> tuple[TokenFormer, dict]:
-    """A checkpoint directory (trainer's, resharded, layout-free) or an export (model.safetensors + config.json), in
-    `dtype` (fp32, bf16, fp16; the KV cache follows it). Returns the model and the training config dict (for the
-    tokenizer)."""
+    """A checkpoint directory (trainer's, resharded, layout-free), an export (model.safetensors + config.json) or a
+    Hugging Face export (export-hf), in `dtype` (fp32, bf16, fp16; the KV cache follows it). Returns the model and the
+    training config dict (for the tokenizer)."""
     if os.path.exists(os.path.join(path, "model.safetensors")):
         from safetensors.torch import load_file
         with open(os.path.join(path, "config.json")) as f:
-            cfg = _build(ModelConfig, json.load(f))
+            raw = json.load(f)
+        state, data = load_file(os.path.join(path, "model.safetensors")), {}
+        if raw.get("model_type") == "tokenformer":  # export-hf: HF field names, parameters under "model."
+            from .hf import model_config_from_hf
+            cfg = model_config_from_hf(raw)
+            state = {k.removeprefix("model."): v.float() for k, v in state.items()}
+            data = {"tokenizer_type": "HFTokenizer", "tokenizer_model": os.path.join(path, "tokenizer.json")}
+        else:
+            cfg = _build(ModelConfig, raw)
         model = TokenFormer(cfg)
-        model.load_state_dict(load_file(os.path.join(path, "model.safetensors")))
-        full = {"model": cfg.__dict__, "data": {}}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith(".scale_tokens")]  # tau is in the config, set at build
+        if missing or unexpected:
+            raise ValueError(f"{path}: model.safetensors does not match its config.json: missing {missing}, "
+                             f"unexpected {unexpected}")
+        full = {"model": cfg.__dict__, "data": data}
     else:
         from .checkpoint import load_weights, model_config_of
         model = TokenFormer(model_config_of(path))

@@ -1,7 +1,7 @@
 """Tokenize Pile-format .jsonl/.jsonl.zst files into megatron-core indexed datasets ({prefix}_{key}_document.bin/.idx).
 
     python tools/preprocess_data.py --input 'data/sample/train.jsonl.zst' --output-prefix data/processed/sample \
-        --tokenizer-type HFTokenizer --tokenizer-model ../shared/tokenizers/gpt-neox-20b/tokenizer.json --workers 2
+        --tokenizer-type HFTokenizer --tokenizer-model tokenizers/gpt-neox-20b/tokenizer.json --workers 2
 """
 
 import argparse

@@ -12,7 +12,7 @@ pip_install() {
   return "${PIPESTATUS[0]}"
 }
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  echo "setting up .venv (about a minute)..."
+  echo "setting up .venv (2-4 minutes)..."
   # torch first, pinned: DeepSpeed's build imports it, and an unpinned torch would pull a multi-GB CUDA build.
   pip_install "$(grep -E '^torch==' requirements.txt)"
   DS_BUILD_OPS=0 pip_install -r requirements.txt
