@@ -151,7 +151,8 @@ def _host_memory(mode: str, **extra_env) -> list[str]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_host_memory_stays_in_the_process():
     # glibc's default: a fresh 20 MiB block is a mapping of its own, unmapped when freed (and faulted in next time)
-    assert _host_memory("default") == ["None", "20", "0"]
+    held, mapped, kept = _host_memory("default")
+    assert (held, mapped, int(kept) < 20) == ("None", "20", True)  # what imports left free is not the block
     # held: it comes from the heap and stays there when freed, for the next step's tensors
     held, mapped, kept = _host_memory("hold")
     assert (held, mapped, int(kept) >= 20) == ("True", "0", True)

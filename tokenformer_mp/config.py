@@ -420,6 +420,8 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
              f"tp*pp = {p.tp}*{p.pp} does not divide the world size {world_size}")
         t.accum_steps(world_size // (p.tp * p.pp))  # a global batch the data-parallel ranks cannot share
 
+    need(cfg.logging.wandb_project is None or cfg.logging.wandb_project.strip() != "", "logging.wandb_project",
+         "empty: a project name, or null for no Weights & Biases")
     need(cfg.logging.wandb_mode in ("online", "offline"), "logging.wandb_mode",
          f"{cfg.logging.wandb_mode!r}: online or offline")
 

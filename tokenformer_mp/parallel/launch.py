@@ -182,10 +182,11 @@ def init_distributed(le: LaunchEnv, device: torch.device, timeout_s: int = 600) 
             local = int(os.environ.get("LOCAL_WORLD_SIZE", le.world_size if le.master_addr.startswith("127.") else 1))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
         hold_freed_host_memory()
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(seconds=timeout_s))
+    backend, timeout = "nccl" if device.type == "cuda" else "gloo", datetime.timedelta(seconds=timeout_s)
+    if not dist.is_initialized() and le.launcher == "single":
+        # A world of one meets nobody: an in-process store, no port to pick (and lose to another process)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout)  # over ours if made
     if le.rank == 0:
         log.info("launcher=%s world_size=%d master=%s:%d device=%s (LOCAL_RANK=%s)", le.launcher, le.world_size,
                  le.master_addr, le.master_port, device, os.environ["LOCAL_RANK"])
