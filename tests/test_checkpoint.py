@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import pytest
@@ -47,6 +46,13 @@ def _logits(path, tokens):
 TOKENS = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
 
 
+def _content(path) -> dict:
+    """Every tensor's bytes, by their block checksums: equal for two checkpoints written tensor by tensor (offline)
+    exactly when every tensor is bit-identical."""
+    return {n: {k: [b for seg in segs for b in seg["blocks"]] for k, segs in e["segments"].items()}
+            for n, e in read_manifest(str(path))["tensors"].items()}
+
+
 def test_round_trip_through_layouts_is_bit_identical(ckpt, tmp_path):
     src, _ = ckpt
     path = src
@@ -55,8 +61,7 @@ def test_round_trip_through_layouts_is_bit_identical(ckpt, tmp_path):
         reshard(path, out, tp=tp, pp=pp, progress=False)
         assert read_manifest(out)["config"]["parallel"]["tp"] == tp
         path = out
-    a, b = read_manifest(src)["tensors"], read_manifest(path)["tensors"]
-    assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
+    assert _content(src) == _content(path)
     verify(path)
 
 
@@ -68,10 +73,9 @@ def test_tp8_pp4_round_trip(tmp_path):
     reshard(str(tmp_path / "src"), str(tmp_path / "big"), tp=8, pp=4, progress=False)
     assert read_manifest(str(tmp_path / "big"))["config"]["parallel"] == {
         "tp": 8, "pp": 4, "zero_stage": 1, "sequence_parallel": False, "overlap_grad_reduce": False,
-        "grad_bucket_size": None, "timeout_s": 600}
+        "grad_bucket_size": None, "timeout_s": 600, "grad_reduce_dtype": "fp32"}
     reshard(str(tmp_path / "big"), str(tmp_path / "back"), tp=1, pp=1, progress=False)
-    a, b = read_manifest(str(tmp_path / "src"))["tensors"], read_manifest(str(tmp_path / "back"))["tensors"]
-    assert {k: v["sha256"] for k, v in a.items()} == {k: v["sha256"] for k, v in b.items()}
+    assert _content(tmp_path / "src") == _content(tmp_path / "back")
     with pytest.raises(CheckpointError, match="parallel.tp"):  # 16 does not divide 8 heads
         reshard(str(tmp_path / "src"), str(tmp_path / "bad"), tp=16, progress=False)
 
@@ -150,9 +154,8 @@ def test_import_official_layout_and_export(ckpt, tmp_path):
     assert all(torch.equal(back[k], sd[k]) for k in back)
     assert main(["import-neox", "--state-dict", str(tmp_path / "neox" / "pytorch_model.bin"), "--neox-config",
                  str(tmp_path / "neox" / "config.yml"), "--save", str(tmp_path / "again")]) == 0
-    a, b = read_manifest(str(tmp_path / "imported")), read_manifest(str(tmp_path / "again"))
-    assert {k: v["sha256"] for k, v in a["tensors"].items()} == {k: v["sha256"] for k, v in b["tensors"].items()}
-    assert a["model"] == b["model"]
+    assert _content(tmp_path / "imported") == _content(tmp_path / "again")
+    assert read_manifest(str(tmp_path / "imported"))["model"] == read_manifest(str(tmp_path / "again"))["model"]
     sd["sequential.99.mystery"] = torch.zeros(1)
     with pytest.raises(ValueError, match="sequential.99.mystery"):
         import_neox(sd, CFG, str(tmp_path / "bad"))
@@ -250,11 +253,14 @@ def test_trained_checkpoint_grows_and_reshards_without_changing_validation_loss(
     assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > len("The\n")
 
 
-def test_kill_during_training_leaves_a_loadable_checkpoint(minipile, tmp_path):
-    """kill -9 at an arbitrary moment (saves every step): 'latest' names a complete, verified checkpoint."""
+@pytest.mark.parametrize("async_save", [False, True])
+def test_kill_during_training_leaves_a_loadable_checkpoint(minipile, tmp_path, async_save):
+    """kill -9 at an arbitrary moment (saves every step, written in the background or not): 'latest' names a
+    complete, verified checkpoint."""
     from tests.test_training import _args
     run = tmp_path / "run"
-    args = _args(debug_overrides(minipile, run, **{"train.steps": 200, "checkpoint.save_interval": 1}))
+    args = _args(debug_overrides(minipile, run, **{"train.steps": 200, "checkpoint.save_interval": 1,
+                                                   "checkpoint.async_save": async_save}))
     proc = subprocess.Popen([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -265,7 +271,7 @@ def test_kill_during_training_leaves_a_loadable_checkpoint(minipile, tmp_path):
     proc.wait()
     tag = read_latest(str(run / "checkpoints"))
     assert tag is not None and int(tag[11:]) >= 3
-    verify(str(run / "checkpoints" / tag / "layout_free"))
+    verify(str(run / "checkpoints" / tag))
     hist = run_ranks(1, train, debug_overrides(minipile, run, **{"train.steps": int(tag[11:]) + 2}))[0]
     assert [h["step"] for h in hist] == [int(tag[11:]) + 1, int(tag[11:]) + 2]
 
@@ -291,7 +297,7 @@ def test_old_tokens_frozen_or_slowed_after_growth(minipile, tmp_path):
     """train.old_tokens_lr_mult after growth: 0 keeps every old key/value token bit-identical while new ones learn,
     at TP=2 x PP=2 as in one process; 0.5 moves old tokens half as far as 1 in the first step (new ones the same),
     and under ZeRO-1 with DP=2 (partitions cut through the tensors) as in one process."""
-    from safetensors.torch import load_file
+    from tokenformer_mp.checkpoint import load_tensors
     from tokenformer_mp.reshard import pattention_kind
 
     run_ranks(1, train, debug_overrides(minipile, tmp_path / "run", **{"train.steps": 2}))
@@ -305,11 +311,11 @@ def test_old_tokens_frozen_or_slowed_after_growth(minipile, tmp_path):
         run = tmp_path / name
         hist = run_ranks(world, train, debug_overrides(minipile, run, **_grown_2x(grown), **extra, **{
             "train.steps": 3, "train.exit_after_steps": steps, "train.old_tokens_lr_mult": mult}))[0]
-        lf = run / "checkpoints" / f"global_step{steps}" / "layout_free"
-        assert read_manifest(str(lf))["grown_from"] == old_n  # carried on: a resume keeps treating them as old
-        return hist, {n: load_file(str(lf / e["file"]))["weight"] for n, e in read_manifest(str(lf))["tensors"].items()}
+        lf = str(run / "checkpoints" / f"global_step{steps}")
+        assert read_manifest(lf)["grown_from"] == old_n  # carried on: a resume keeps treating them as old
+        return hist, load_tensors(lf)
 
-    start = {n: load_file(os.path.join(grown, e["file"]))["weight"] for n, e in read_manifest(grown)["tensors"].items()}
+    start = load_tensors(grown)
     pattentions = [(n, old_n[pattention_kind(n)[0]]) for n in start if pattention_kind(n)]
     h1, frozen = cont(1, 0.0, "frozen1")
     h4, frozen4 = cont(4, 0.0, "frozen4", **{"parallel.tp": 2, "parallel.pp": 2})
@@ -378,28 +384,38 @@ def test_save_interval_zero_saves_only_at_the_end(minipile, tmp_path):
 
 def test_pruning_goes_by_save_order_and_completion(tmp_path, caplog):
     """keep_last 1 after a restart from scratch (latest lost): the new checkpoint is kept although older ones have
-    higher step numbers; a half-written directory (no completion record) is removed, naming it; `latest` is kept."""
+    higher step numbers; a half-written directory (no manifest: the completion record) is removed, naming it;
+    `latest` is kept."""
     import logging
-    from tokenformer_mp.checkpoint import COMPLETE, prune, write_atomic
+    from tokenformer_mp.checkpoint import FORMAT, MANIFEST, prune, write_atomic
     ckpt = tmp_path / "checkpoints"
     for seq, step in ((1, 15), (2, 18), (3, 4)):
         (ckpt / f"global_step{step}").mkdir(parents=True)
-        write_atomic(str(ckpt / f"global_step{step}" / COMPLETE), json.dumps({"seq": seq, "files": {}}))
-    (ckpt / "global_step20").mkdir()
-    (ckpt / "global_step20" / "mp_rank_00_model_states.pt").write_bytes(b"half")
+        write_atomic(str(ckpt / f"global_step{step}" / MANIFEST),
+                     json.dumps({"format": FORMAT, "seq": seq, "tensors": {}, "files": {}}))
+    (ckpt / "global_step20" / "shards").mkdir(parents=True)
+    (ckpt / "global_step20" / "shards" / "rank00000.safetensors").write_bytes(b"half")
     (ckpt / "latest").write_text("global_step4")
     with caplog.at_level(logging.WARNING, logger="tokenformer_mp"):
         prune(str(ckpt), keep_last=1)
     assert sorted(p.name for p in ckpt.iterdir()) == ["global_step4", "latest"]
-    assert f"removing {ckpt / 'global_step20'}: no completion record" in caplog.text
+    assert f"removing {ckpt / 'global_step20'}: no manifest.json (a save that did not finish)" in caplog.text
 
 
-def _choose_under_damage(root: str, variants: list[str]) -> list[tuple[str, str]]:
-    """On each rank of a world: for each variant, a copy of root damaged so, and (chosen tag or error, log)."""
+def _shard(tag_dir) -> Path:
+    return Path(tag_dir) / "shards" / "rank00000.safetensors"
+
+
+def _resume_under_damage(overrides: dict, root: str, variants: list[str]) -> list[tuple[object, str]]:
+    """On each rank of a world: for each variant, a copy of root's checkpoints damaged so, loaded by the trainer:
+    (the step it resumed at, or "error", and what it logged or raised)."""
     import logging
     import torch.distributed as dist
-    from tokenformer_mp.checkpoint import CheckpointError, choose_checkpoint
-    dist.init_process_group("gloo")
+
+    from tokenformer_mp.checkpoint import load_checkpoint
+    from tokenformer_mp.config import load_config
+    from tokenformer_mp.train import Trainer, shutdown
+    trainer = Trainer(load_config("configs/debug.yaml", overrides))
     records = []
     handler = logging.Handler()
     handler.emit = lambda r: records.append(r.getMessage())
@@ -419,72 +435,67 @@ def _choose_under_damage(root: str, variants: list[str]) -> list[tuple[str, str]
             elif variant == "names_missing":
                 open(latest, "w").write("global_step9")
             elif variant == "incomplete":
-                os.remove(os.path.join(ckpt, "global_step4", "complete.json"))
-            elif variant in ("flip_pt", "flip_tensor", "all_corrupt"):
-                tags = ["global_step4"] if variant != "all_corrupt" else [f"global_step{s}" for s in (1, 2, 3, 4)]
-                for tag in tags:
-                    name = ("layout_free/tensors/final_norm.bias.safetensors" if variant == "flip_tensor"
-                            else "mp_rank_00_model_states.pt")
-                    path = Path(ckpt) / tag / name
+                os.remove(os.path.join(ckpt, "global_step4", "manifest.json"))
+            elif variant in ("flip_shard", "all_corrupt"):
+                for s in (4,) if variant == "flip_shard" else (1, 2, 3, 4):
+                    path = _shard(f"{ckpt}/global_step{s}")
                     _flip(path, offset=path.stat().st_size // 2)
         dist.barrier()
         records.clear()
         try:
-            out.append((choose_checkpoint(ckpt), " | ".join(records)))
+            out.append((load_checkpoint(trainer, ckpt)["step"], " | ".join(records)))
         except CheckpointError as e:
             out.append(("error", str(e)))
-    dist.destroy_process_group()
+    shutdown()
     return out
 
 
-def test_resume_falls_back_to_the_newest_intact_checkpoint(saved_run, tmp_path):
-    """A bad, empty or missing `latest`, one naming a missing or incomplete checkpoint, a flipped byte in a DeepSpeed
-    or tensor file: every rank (2, each verifying half the files) agrees on the newest intact checkpoint and the log
-    says why; none intact: one error naming the directory and each problem."""
+def test_resume_falls_back_to_the_newest_intact_checkpoint(minipile, saved_run, tmp_path):
+    """A bad, empty or missing `latest`, one naming a missing or incomplete checkpoint, a flipped byte in a shard:
+    both ranks (DP=2, each reading its own partition of the optimizer state) agree on the newest intact checkpoint and
+    the log says why; none intact: one error naming the directory and each problem."""
     shutil.copytree(saved_run[0] / "checkpoints", tmp_path / "checkpoints")
-    variants = ["none", "garbage", "empty", "missing", "names_missing", "incomplete", "flip_pt", "flip_tensor",
-                "all_corrupt"]
-    ranks = run_ranks(2, _choose_under_damage, str(tmp_path), variants)
-    assert [tag for tag, _ in ranks[0]] == [tag for tag, _ in ranks[1]]
+    variants = ["none", "garbage", "empty", "missing", "names_missing", "incomplete", "flip_shard", "all_corrupt"]
+    overrides = debug_overrides(minipile, tmp_path / "run", **{"train.micro_batch_size": 1})
+    ranks = run_ranks(2, _resume_under_damage, overrides, str(tmp_path), variants)
+    assert [step for step, _ in ranks[0]] == [step for step, _ in ranks[1]]
     got = dict(zip(variants, ranks[0]))
     c = tmp_path
     expected = {
-        "none": ("global_step4", ""),
-        "garbage": ("global_step4", f"{c}/v1/latest holds "),
-        "empty": ("global_step4", f"{c}/v2/latest is empty"),
-        "missing": ("global_step4", f"{c}/v3/latest is missing"),
-        "names_missing": ("global_step4", f"{c}/v4/latest names global_step9, which does not exist"),
-        "incomplete": ("global_step3", f"{c}/v5/latest names global_step4, which has no valid completion record"),
-        "flip_pt": ("global_step3", f"{c}/v6/global_step4: mp_rank_00_model_states.pt: checksum mismatch"),
-        "flip_tensor": ("global_step3", f"{c}/v7/global_step4: layout_free/tensors/final_norm.bias.safetensors: "
-                                        f"checksum mismatch"),
-        "all_corrupt": ("error", f"{c}/v8: no intact complete checkpoint to resume from"),
+        "none": (4, ""),
+        "garbage": (4, f"{c}/v1/latest holds "),
+        "empty": (4, f"{c}/v2/latest is empty"),
+        "missing": (4, f"{c}/v3/latest is missing"),
+        "names_missing": (4, f"{c}/v4/latest names global_step9, which does not exist"),
+        "incomplete": (3, f"{c}/v5/latest names global_step4, which has no valid manifest.json"),
+        "flip_shard": (3, f"{c}/v6/global_step4: rank "),
+        "all_corrupt": ("error", f"{c}/v7: no intact complete checkpoint to resume from"),
     }
-    for variant, (tag, message) in expected.items():
-        assert got[variant][0] == tag and message in got[variant][1], (variant, got[variant])
-    assert "resuming from the newest intact checkpoint" in got["flip_pt"][1]
-    assert all(f"{c}/v8/global_step{s}: mp_rank_00_model_states.pt: checksum mismatch" in got["all_corrupt"][1]
-               for s in (1, 2, 3, 4))
+    for variant, (step, message) in expected.items():
+        assert got[variant][0] == step and message in got[variant][1], (variant, got[variant])
+    assert f"{_shard(f'{c}/v6/global_step4')}: tensor " in got["flip_shard"][1]
+    assert "checksum mismatch" in got["flip_shard"][1]
+    assert "resuming from the newest intact checkpoint" in got["flip_shard"][1]
+    assert all(f"{c}/v7/global_step{s}: rank " in got["all_corrupt"][1] for s in (1, 2, 3, 4))
 
 
-def test_flipped_byte_in_a_deepspeed_file_resumes_from_the_previous_checkpoint_exactly(minipile, saved_run, tmp_path):
-    """The trainer's own resume: global_step4's model states corrupted -> it says so, continues from global_step3,
-    and step 4 again equals the first run's step 4 bit for bit; the step-4 checkpoint it saves is whole."""
+def test_flipped_byte_in_a_shard_resumes_from_the_previous_checkpoint_exactly(minipile, saved_run, tmp_path):
+    """The trainer's own resume: global_step4's shard corrupted -> it says so, continues from global_step3, and step
+    4 again equals the first run's step 4 bit for bit; the step-4 checkpoint it saves is whole."""
     from tests.test_training import _args
-    from tokenformer_mp.checkpoint import verify
     run = _copy_run(saved_run, tmp_path)
-    pt = run / "checkpoints" / "global_step4" / "mp_rank_00_model_states.pt"
-    _flip(pt, offset=pt.stat().st_size // 2)
+    shard = _shard(run / "checkpoints" / "global_step4")
+    _flip(shard, offset=shard.stat().st_size // 2)
     res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml",
                           *_args(debug_overrides(minipile, run, **{"train.steps": 5, "checkpoint.save_interval": 1}))],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert (f"{run}/checkpoints/global_step4: mp_rank_00_model_states.pt: checksum mismatch (corrupt); resuming "
-            f"from the newest intact checkpoint, {run}/checkpoints/global_step3") in res.stdout, res.stdout[-3000:]
+    assert f"{run}/checkpoints/global_step4: rank 0: {shard}: tensor " in res.stdout, res.stdout[-3000:]
+    assert f"resuming from the newest intact checkpoint, {run}/checkpoints/global_step3" in res.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5]
     assert rows[4]["loss"] == saved_run[1][3]["loss"] and rows[4]["grad_norm"] == saved_run[1][3]["grad_norm"]
-    verify(str(run / "checkpoints" / "global_step4" / "layout_free"))
+    verify(str(run / "checkpoints" / "global_step4"))
 
 
 def test_kill_9_in_a_save_then_sigterm_with_keep_last_1_leaves_a_complete_checkpoint(minipile, tmp_path):
@@ -513,8 +524,9 @@ def test_kill_9_in_a_save_then_sigterm_with_keep_last_1_leaves_a_complete_checkp
     killed = step_of()
     half = run / "checkpoints" / f"global_step{killed + 50}"
     half.mkdir(exist_ok=True)
-    pt = run / "checkpoints" / f"global_step{killed}" / "mp_rank_00_model_states.pt"
-    (half / pt.name).write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+    shard = _shard(run / "checkpoints" / f"global_step{killed}")
+    (half / "shards").mkdir(exist_ok=True)
+    (half / "shards" / shard.name).write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
     proc = start_and_wait_past(killed)
     proc.send_signal(signal.SIGTERM)
@@ -580,23 +592,25 @@ def _load_damaged(overrides: dict, paths: list[str]) -> list[str]:
 
 
 def test_trainer_refuses_a_damaged_layout_free_tensor(minipile, saved_run, tmp_path):
-    """checkpoint.load of a layout-free checkpoint with a flipped byte, a truncated file or a flipped header byte:
-    one error naming the tensor and the file (at TP=2, where each rank reads its rows)."""
+    """checkpoint.load of a layout-free checkpoint (the run's, resharded: a file per tensor) with a flipped byte, a
+    truncated file or a flipped header byte: one error naming the tensor and the file (at TP=2, where each rank
+    reads its rows)."""
     from tests.test_bad_inputs import damage
     paths = []
     for how in ("flip", "truncate", "header"):
         path = tmp_path / how
-        shutil.copytree(saved_run[0] / "checkpoints" / "global_step4" / "layout_free", path)
+        reshard(str(saved_run[0] / "checkpoints"), str(path), tp=2, progress=False)
         damage(path / "tensors" / "layers.1.ffn.key_tokens.safetensors", how)
         paths.append(str(path))
     msgs = run_ranks(2, _load_damaged, debug_overrides(minipile, tmp_path / "run", **{"parallel.tp": 2}), paths)
-    for path, msg in zip(paths, msgs[0]):
-        assert msg.startswith(f"{path}/tensors/layers.1.ffn.key_tokens.safetensors: tensor layers.1.ffn.key_tokens: "
-                              f"checksum mismatch"), msg
+    for path, msg, what in zip(paths, msgs[0], ("checksum mismatch in bytes", "the file is truncated",
+                                                  "header checksum mismatch")):
+        assert msg.startswith(f"{path}/tensors/layers.1.ffn.key_tokens.safetensors: tensor layers.1.ffn.key_tokens "
+                              f"(weight): ") and what in msg, msg
 
 
-def test_inspect_verify_covers_deepspeed_files(saved_run, tmp_path, capsys):
-    """tools/inspect_checkpoint.py --verify checks every file of a training checkpoint, DeepSpeed's too."""
+def test_inspect_verify_reads_every_block(saved_run, tmp_path, capsys):
+    """tools/inspect_checkpoint.py --verify checks every block of every shard of a training checkpoint."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("inspect_tool", REPO / "tools" / "inspect_checkpoint.py")
     tool = importlib.util.module_from_spec(spec)
@@ -604,8 +618,40 @@ def test_inspect_verify_covers_deepspeed_files(saved_run, tmp_path, capsys):
     run = _copy_run(saved_run, tmp_path)
     assert tool.main([str(run / "checkpoints"), "--verify"]) == 0
     assert "checksums: all ok (" in capsys.readouterr().out
-    pt = run / "checkpoints" / "global_step4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-    _flip(pt, offset=pt.stat().st_size // 2)
+    shard = _shard(run / "checkpoints" / "global_step4")
+    _flip(shard, offset=shard.stat().st_size - 10)  # the last bytes: the RNG state, read by a resume only
     assert tool.main([str(run / "checkpoints"), "--verify"]) == 2
     err = capsys.readouterr().err
-    assert f"{run}/checkpoints/global_step4: zero_pp_rank_0_mp_rank_00_optim_states.pt: checksum mismatch" in err
+    assert f"{shard}: rank 0's RNG state (torch): checksum mismatch" in err, err
+
+
+@pytest.mark.parametrize("world,layout", [(2, {}), (4, {"parallel.tp": 2})], ids=["dp2", "tp2_dp2"])
+def test_every_rank_writes_and_reads_its_own_share(world, layout):
+    """The checkpoint_io benchmark's counts: every element of the state (weights and both moments) written once,
+    each rank's bytes within 1% of total / world (ZeRO's equal partitions), and a load at the same layout reading
+    each rank's own share (its weight rows, its moments' fragments) within 1% (the headers)."""
+    from tokenformer_mp.bench.checkpoint_io import measure
+    from tokenformer_mp.config import load_config
+    from tokenformer_mp.model import count_params
+    overrides = {"model.seq_length": 64, "train.micro_batch_size": 1, "train.global_batch_size": None,
+                 "train.grad_accum_steps": 1, "train.device": "cpu", "model.vocab_size": 4096, **layout}
+    r = measure("configs/debug.yaml", world, overrides)
+    assert r["elements_written"] == 3 * count_params(load_config("configs/debug.yaml", overrides).model)["params"]
+    assert r["write_vs_ideal"] <= 0.01 and r["read_vs_ideal"] <= 0.01, r
+
+
+def test_async_save_resumes_exactly(minipile, tmp_path):
+    """checkpoint.async_save at DP=2: every checkpoint completes (latest moves at a later step boundary, the last at
+    the end), and a run stopped and resumed from them equals the synchronous run that never stopped, bit for bit."""
+    from tokenformer_mp.checkpoint import scan
+    kw = {"train.steps": 4, "train.micro_batch_size": 1, "checkpoint.save_interval": 1, "checkpoint.keep_last": 0}
+    ref = run_ranks(2, train, debug_overrides(minipile, tmp_path / "sync", **kw))[0]
+    kw["checkpoint.async_save"] = True
+    first = run_ranks(2, train, debug_overrides(minipile, tmp_path / "async", **kw, **{"train.exit_after_steps": 2}))[0]
+    assert read_latest(str(tmp_path / "async" / "checkpoints")) == "global_step2"
+    rest = run_ranks(2, train, debug_overrides(minipile, tmp_path / "async", **kw))[0]
+    assert [h["step"] for h in first + rest] == [1, 2, 3, 4]
+    assert [(h["loss"], h["grad_norm"]) for h in first + rest] == [(h["loss"], h["grad_norm"]) for h in ref]
+    complete, partial = scan(str(tmp_path / "async" / "checkpoints"))
+    assert [tag for _, tag, _ in complete] == [f"global_step{s}" for s in (1, 2, 3, 4)] and not partial
+    assert read_latest(str(tmp_path / "async" / "checkpoints")) == "global_step4"

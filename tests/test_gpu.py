@@ -91,7 +91,7 @@ def test_layout_free_load_then_a_fused_adam_step_on_the_gpu(minipile, cpu_refere
     is also at another layout (TP=2)."""
     kw = {"train.steps": 3, "train.device": "cuda"}
     run_ranks(1, train, debug_overrides(minipile, tmp_path / "a", **kw, **{"train.exit_after_steps": 2}))
-    layout_free = str(tmp_path / "a" / "checkpoints" / "global_step2" / "layout_free")
+    layout_free = str(tmp_path / "a" / "checkpoints" / "global_step2")  # every checkpoint is layout-free
     world, extra = (2, {"parallel.tp": 2}) if GPUS >= 2 else (1, {})
     rest = run_ranks(world, train, debug_overrides(minipile, tmp_path / "b", **kw, **extra,
                                                    **{"checkpoint.load": layout_free}))[0]

@@ -171,7 +171,7 @@ def test_pretrain_two_nodes_tp2_pp2(pretrained):
     assert f"step {STEPS:>6}/{STEPS}" in log  # rank 0's progress lines are in the job's output
     tag = (run / "checkpoints" / "latest").read_text().strip()
     assert tag == f"global_step{STEPS}"
-    manifest = json.loads((run / "checkpoints" / tag / "layout_free" / "manifest.json").read_text())
+    manifest = json.loads((run / "checkpoints" / tag / "manifest.json").read_text())
     assert manifest["source_layout"] == {"tp": 2, "pp": 2, "dp": 1} and manifest["step"] == STEPS
 
 
@@ -184,7 +184,7 @@ def test_reshard_expand_and_continue(pretrained, minipile, tmp_path):
                                  "--tp", "1", "--pp", "1", "--expand-factor", "2"], tmp_path / "reshard.out")
     info = job.wait()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job.text()[-3000:]
-    old = json.loads((pretrained["run"] / "checkpoints" / f"global_step{STEPS}" / "layout_free" / "manifest.json")
+    old = json.loads((pretrained["run"] / "checkpoints" / f"global_step{STEPS}" / "manifest.json")
                      .read_text())["model"]
     new = json.loads((dst / "manifest.json").read_text())["model"]
     kinds = ("qkv", "proj", "ffn")

@@ -256,14 +256,14 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path)
 def test_final_norm_is_not_decayed(minipile, tmp_path):
     """After one step, the final LayerNorm is the same with weight decay 0.1 or 0 (same gradients, no decay), while
     the decayed parameter tokens differ; at TP=2 x PP=2 as in one process."""
-    from safetensors.torch import load_file
+    from tokenformer_mp.checkpoint import load_tensors
 
     def one_step(wd, world, extra, name):
         run = tmp_path / name
         _run(world, debug_overrides(minipile, run, **{"train.steps": 3, "train.exit_after_steps": 1,
                                                       "train.weight_decay": wd, **extra}))
-        lf = run / "checkpoints" / "global_step1" / "layout_free" / "tensors"
-        return {n: load_file(str(lf / f"{n}.safetensors"))["weight"] for n in
+        weights = load_tensors(str(run / "checkpoints" / "global_step1"))
+        return {n: weights[n] for n in
                 ("final_norm.weight", "final_norm.bias", "layers.0.ffn.key_tokens")}
 
     a, b = one_step(0.1, 1, {}, "a"), one_step(0.0, 1, {}, "b")

@@ -1,31 +1,39 @@
-"""Checkpoints. Two kinds, both written atomically (a temporary name, renamed when every rank is done):
+"""Checkpoints: one layout-free format for training, resharding and inference (the tensor store: tokenformer_mp.store).
 
-* training checkpoints: DeepSpeed's own sharded files (engine.save_checkpoint), for exact resume at the same layout,
-  closed by a completion record (complete.json: sha256 and size of every file of the tag, and the save's sequence
-  number) written once every rank's files are complete. Only complete checkpoints are resumed from or counted when
-  pruning; a resume verifies every file of the one it picks and falls back to the newest intact one;
-* layout-free checkpoints: one safetensors file per canonical tensor (full, unsharded: weight, exp_avg, exp_avg_sq)
-  plus manifest.json. They load at ANY tensor/pipeline/data layout (uneven token shards included), are what the
-  resharding/expansion tool reads and writes, and are written next to every training checkpoint.
+A training checkpoint, checkpoints/global_stepN/, is each rank's shard (shards/rankRRRRR.safetensors: its ZeRO
+partition of its tensor-parallel shard of the fp32 weights and both Adam moments, each element written by one rank
+only, and its RNG state) and manifest.json, which rank 0 writes last, once every rank's shard is complete: the
+completion record. It loads at ANY tensor/pipeline/data layout: each rank reads the rows of each weight it holds and
+the optimizer state of its own ZeRO partition, checking every block it reads. At its own layout the next steps equal
+the run that never stopped, bit for bit. `latest` names the newest complete checkpoint; pruning keeps complete ones
+only, by save order. With checkpoint.async_save the training loop waits only while the state is copied to host
+memory: the shards are written in the background, and the manifest and `latest` follow at a later step boundary
+once every rank has finished; a save waits for the one before it.
+
+The resharding tool and imports write the same format from full tensors in one process (OfflineWriter: one file per
+tensor, one segment per tensor).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
+import threading
 import time
 
 import torch
 import torch.distributed as dist
 
+from .store import Store, StoreError, entry_name, segments_of, table, write_shard
+
 log = logging.getLogger("tokenformer_mp")
 
 LATEST = "latest"
-COMPLETE = "complete.json"  # a training checkpoint's completion record, written last
-FORMAT = "tokenformer_mp.layout_free.v1"
+FORMAT = "tokenformer_mp.layout_free.v2"
 MANIFEST = "manifest.json"
 TAG = re.compile(r"global_step(\d+)$")
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
@@ -36,6 +44,11 @@ FUNCTION_KEYS = ("norm", "num_heads", "rotary_pct", "rotary_base", "layernorm_ep
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint that is intact but does not fit the model (shapes, function keys): no other checkpoint of the
+    same run would fit better, so a resume stops instead of falling back."""
 
 
 def tag_for(step: int) -> str:
@@ -60,16 +73,11 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def sha256_file(path: str) -> str:
-    return file_digest(path)["sha256"]
-
-
-def file_digest(path: str) -> dict:
-    h, size = hashlib.sha256(), 0
+    h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-            size += len(chunk)
-    return {"sha256": h.hexdigest(), "size": size}
+    return h.hexdigest()
 
 
 def read_json(path: str, what: str) -> dict:
@@ -88,7 +96,123 @@ def tensor_file(name: str) -> str:
     return f"tensors/{name}.safetensors"
 
 
-# --- canonical view of a live engine's parameters ----------------------------------------------------------------
+def shard_file(rank: int) -> str:
+    return f"shards/rank{rank:05d}.safetensors"
+
+
+# --- reading a layout-free checkpoint ----------------------------------------------------------------------------
+
+def read_manifest(path: str) -> dict:
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.exists(mpath):
+        raise CheckpointError(f"{path}: no {MANIFEST}; not a layout-free checkpoint")
+    manifest = read_json(mpath, "the manifest")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest.get("tensors"), dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{mpath}: no 'tensors' or 'files' table")
+    return manifest
+
+
+def open_store(path: str) -> tuple[dict, Store]:
+    manifest = read_manifest(path)
+    return manifest, Store(path, manifest)
+
+
+def verify(path: str, manifest: dict | None = None) -> int:
+    """Every block of every tensor and rank state against the manifest (inspect_checkpoint --verify). Returns the
+    bytes checked."""
+    store = Store(path, manifest or read_manifest(path))
+    try:
+        return store.verify()
+    except StoreError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_tensors(path: str, key: str = "weight") -> dict[str, torch.Tensor]:
+    """Every tensor of a layout-free checkpoint, full and verified (tests, small tools)."""
+    manifest, store = open_store(_resolve(path))
+    try:
+        return {name: store.full(name, key) for name, e in manifest["tensors"].items() if key in e["keys"]}
+    except StoreError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def load_weights(model: torch.nn.Module, path: str) -> dict:
+    """Weights of a layout-free checkpoint into a plain, unsharded TokenFormer (evaluation, generation, exports)."""
+    path = _resolve(path)
+    manifest, store = open_store(path)
+    entries, params = manifest["tensors"], dict(model.named_parameters())
+    missing = sorted(set(params) - set(entries))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing)}")
+    for name, p in params.items():  # from the manifest, before reading a byte
+        if list(p.shape) != list(entries[name]["shape"]):
+            raise CheckpointError(f"{path}: {name}: checkpoint {entries[name]['shape']} vs model {list(p.shape)}")
+    with torch.no_grad():
+        for name, p in params.items():
+            try:
+                p.copy_(store.full(name))
+            except StoreError as e:
+                raise CheckpointError(str(e)) from None
+    return manifest
+
+
+def _resolve(path: str) -> str:
+    from .reshard import resolve_source
+    return resolve_source(path)
+
+
+def model_config_of(path: str):
+    """The ModelConfig a layout-free checkpoint was written with."""
+    from .config import ModelConfig, _build
+    return _build(ModelConfig, read_manifest(_resolve(path))["model"])
+
+
+# --- writing one from full tensors, in one process (imports, the resharding tool, tests) -------------------------
+
+class OfflineWriter:
+    """A layout-free checkpoint written one tensor at a time (memory flat in the model's size): each tensor's keys
+    (weight, exp_avg, exp_avg_sq) in a file of its own, one segment each, under out.partial until commit()."""
+
+    def __init__(self, out: str):
+        self.out, self.partial = out, out.rstrip("/") + ".partial"
+        shutil.rmtree(self.partial, ignore_errors=True)
+        os.makedirs(os.path.join(self.partial, "tensors"))
+        self.files, self.shapes, self.segments = {}, {}, []
+
+    def add(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        file = tensor_file(name)
+        items = [(name, key, 0, t.detach().float().cpu().contiguous().view(-1)) for key, t in sorted(tensors.items())]
+        written = write_shard(os.path.join(self.partial, file), [(entry_name(n, k, s), t) for n, k, s, t in items])
+        self.files[file] = {"size": written["size"], "header_sha256": written["header_sha256"]}
+        self.shapes[name] = list(tensors["weight"].shape)
+        self.segments += segments_of(file, written, items)
+
+    def commit(self, **fields) -> dict:
+        """Write the manifest (the given fields, the tensors and files tables) and move the checkpoint into place."""
+        manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields,
+                    "files": dict(sorted(self.files.items())), "tensors": table(self.shapes, self.segments)}
+        write_atomic(os.path.join(self.partial, MANIFEST), json.dumps(manifest, indent=1))
+        if os.path.exists(self.out):
+            shutil.rmtree(self.out)
+        os.replace(self.partial, self.out)
+        return manifest
+
+    def discard(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def write_layout_free(tensors: dict[str, torch.Tensor], cfg, out: str, note: dict | None = None) -> None:
+    """Weights only (no optimizer state), from full tensors in one process: imports, tests, tools."""
+    writer = OfflineWriter(out)
+    for name, t in tensors.items():
+        writer.add(name, {"weight": t})
+    writer.commit(config=cfg.to_dict(), model=cfg.to_dict()["model"], source_layout={"tp": 1, "pp": 1, "dp": 1},
+                  step=0, tokens_seen=0, optimizer=None, history=[note] if note else [])
+
+
+# --- a live engine's state: what each rank holds ----------------------------------------------------------------
 
 def canonical_params(trainer) -> list[tuple[str, torch.nn.Parameter]]:
     """(canonical name, local parameter) in module order, the same on every rank of a stage."""
@@ -101,71 +225,37 @@ def canonical_params(trainer) -> list[tuple[str, torch.nn.Parameter]]:
     return out
 
 
-def _gather_rows(t: torch.Tensor, p, group) -> torch.Tensor:
-    """Reassemble a row-sharded tensor (uneven shards allowed) from every tensor-parallel rank."""
-    world = dist.get_world_size(group)
-    rows = p.full_shape[0]
-    from .parallel.tensor_parallel import shard_range
-    sizes = [shard_range(rows, world, r) for r in range(world)]
-    width = max(e - s for s, e in sizes)
-    padded = torch.zeros((width,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded, group=group)
-    return torch.cat([part[: e - s] for part, (s, e) in zip(parts, sizes)])
+def _first_row(p) -> int:
+    return p.shard_range[0] if getattr(p, "shard_range", None) is not None else 0
 
 
-def _local_rows(full: torch.Tensor, p) -> torch.Tensor:
-    if getattr(p, "shard_range", None) is None:
-        return full
-    start, end = p.shard_range
-    return full[start:end]
+def _row_elems(p) -> int:
+    shape = getattr(p, "full_shape", None) or tuple(p.shape)
+    return math.prod(shape[1:])
 
 
-def save_layout_free(trainer, out_dir: str, with_optimizer: bool = True) -> None:
-    """Collective over all ranks. Each tensor is written once, by the dp=0, tp=0 rank of its pipeline stage."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+def _writes(trainer, name: str, p) -> bool:
+    """Whether this rank writes its part of `name`: every element once. A tensor whole on every TP rank (the final
+    norm) is written by TP rank 0; the tied embedding's copy on the last pipeline stage is not written at all."""
     from megatron.core import parallel_state as ps
-    from safetensors.torch import save_file
+    if getattr(p, "shard_range", None) is None and ps.get_tensor_model_parallel_rank() != 0:
+        return False
+    return not (trainer.layout.pp > 1 and name.startswith("embed.") and ps.get_pipeline_model_parallel_rank() != 0)
 
-    tp_group = ps.get_tensor_model_parallel_group()
-    writer = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
-    partial = out_dir.rstrip("/") + ".partial"
-    if dist.get_rank() == 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(os.path.join(partial, "tensors"))
-    dist.barrier()
-    entries = {}
-    first_stage = ps.get_pipeline_model_parallel_rank() == 0
+
+def owned_segments(trainer) -> list[tuple[str, str, int, torch.Tensor]]:
+    """(name, key, start, values) of this rank's part of the state: for each parameter it writes, its ZeRO fragment
+    of the fp32 weight and of each Adam moment (views of the optimizer's flat partitions), placed in the tensor's
+    global flat index by the rows this TP rank holds."""
+    out = []
     for name, p in canonical_params(trainer):
-        tensors = {"weight": safe_get_full_fp32_param(p)}
-        if with_optimizer:
-            tensors.update({k: safe_get_full_optimizer_state(p, k) for k in OPT_KEYS})
-        tensors = {k: v for k, v in tensors.items() if v is not None}
-        if getattr(p, "shard_range", None) is not None:
-            tensors = {k: _gather_rows(v, p, tp_group) for k, v in tensors.items()}
-        if not writer or (name.startswith("embed.") and not first_stage):  # the tied copy on the last stage
-            continue
-        path = os.path.join(partial, tensor_file(name))
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()}, path)
-        entries[name] = {"file": tensor_file(name), "shape": list(tensors["weight"].shape), "dtype": "float32",
-                         "keys": sorted(tensors), "sha256": sha256_file(path)}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, entries)
-    if dist.get_rank() == 0:
-        tensors = {k: v for part in gathered for k, v in part.items()}
-        manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    "config": trainer.cfg.to_dict(), "model": trainer.cfg.to_dict()["model"],
-                    "source_layout": {"tp": trainer.layout.tp, "pp": trainer.layout.pp, "dp": trainer.layout.dp},
-                    "step": trainer.step, "tokens_seen": trainer.step * trainer.tokens_per_step,
-                    "optimizer": {"step": optimizer_step(trainer)} if with_optimizer else None,
-                    "grown_from": trainer.grown_from,
-                    "tensors": dict(sorted(tensors.items()))}
-        write_atomic(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(partial, out_dir)
-    dist.barrier()
+        frag = getattr(p, "_hp_mapping", None)
+        if frag is None or not _writes(trainer, name, p):
+            continue  # no part of it in this rank's ZeRO partition, or another rank writes it
+        start = _first_row(p) * _row_elems(p) + frag.lp_fragment_address.start
+        out.append((name, "weight", start, frag.get_hp_fragment()))
+        out += [(name, key, start, frag.get_hp_fragment(key)) for key in OPT_KEYS]
+    return out
 
 
 def optimizer_step(trainer) -> int:
@@ -174,53 +264,182 @@ def optimizer_step(trainer) -> int:
     return max(steps) if steps else 0
 
 
-def read_manifest(path: str) -> dict:
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.exists(mpath):
-        raise CheckpointError(f"{path}: no {MANIFEST}; not a layout-free checkpoint")
-    manifest = read_json(mpath, "the manifest")
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{mpath}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if not isinstance(manifest.get("tensors"), dict):
-        raise CheckpointError(f"{mpath}: no 'tensors' table")
-    return manifest
+_SCALER = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 
 
-def read_tensor_file(ckpt: str, name: str, entry: dict) -> dict[str, torch.Tensor]:
-    """The tensors (weight, exp_avg, ...) of one canonical tensor's file, its sha256 checked against the manifest
-    entry: the bytes are read once, hashed, and deserialised from memory. Every reader of layout-free checkpoints
-    goes through here, so a flipped byte or a truncated file is an error naming the tensor, never a wrong model."""
-    from safetensors.torch import load
-
-    path = os.path.join(ckpt, entry["file"])
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise CheckpointError(f"{path}: tensor {name}: cannot read it ({e.strerror})") from None
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"{path}: tensor {name}: checksum mismatch against {MANIFEST} ({len(data)} bytes): "
-                              f"the file is corrupt or truncated")
-    return load(data)
+def engine_state(trainer) -> dict:
+    """DeepSpeed's counters and, in fp16, its dynamic loss scale: what an exact resume needs besides tensors."""
+    e = trainer.engine
+    out = {"global_steps": e.global_steps, "global_samples": e.global_samples, "skipped_steps": e.skipped_steps}
+    scaler = getattr(e.optimizer, "loss_scaler", None)
+    if scaler is not None:
+        out["loss_scaler"] = {k: getattr(scaler, k) for k in _SCALER if hasattr(scaler, k)}
+    return out
 
 
-def verify(path: str, manifest: dict | None = None) -> int:
-    """Every tensor file against the manifest and, inside a training checkpoint, every file of the tag (DeepSpeed's
-    included) against its completion record. Returns the number of files checked."""
-    manifest = manifest or read_manifest(path)
-    bad = [n for n, e in manifest["tensors"].items()
-           if not os.path.exists(os.path.join(path, e["file"])) or sha256_file(os.path.join(path, e["file"])) != e["sha256"]]
-    if bad:
-        raise CheckpointError(f"{path}: missing or corrupt tensors (checksum mismatch): {', '.join(bad)}")
-    tag_dir = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(path.rstrip("/")) == "layout_free" and os.path.exists(os.path.join(tag_dir, COMPLETE)):
-        record = read_complete(tag_dir)
-        problems = check_files(tag_dir, record["files"], sorted(record["files"]))
-        if problems:
-            raise CheckpointError(f"{tag_dir}: " + "; ".join(problems))
-        return len(manifest["tensors"]) + len(record["files"])
-    return len(manifest["tensors"])
+def restore_engine_state(trainer, state: dict | None) -> None:
+    if not state:
+        return
+    e = trainer.engine
+    e.global_steps, e.global_samples, e.skipped_steps = (state["global_steps"], state["global_samples"],
+                                                         state["skipped_steps"])
+    scaler = getattr(e.optimizer, "loss_scaler", None)
+    for k, v in (state.get("loss_scaler") or {}).items():
+        if scaler is not None and hasattr(scaler, k):
+            setattr(scaler, k, v)
 
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+# --- saving: every rank its own shard, in parallel, optionally in the background -------------------------------
+
+class _HostCopy:
+    """Host buffers for a rank's state, reused from save to save; pinned when the state is on a GPU, so the copy
+    runs at full bandwidth and is all the training loop waits for under async_save."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, items: list[tuple[str, str, int, torch.Tensor]]) -> list[tuple[str, str, int, torch.Tensor]]:
+        out = []
+        for name, key, start, t in items:
+            buf = self.buffers.get((name, key, start))
+            if buf is None or buf.numel() != t.numel():
+                buf = torch.empty(t.numel(), dtype=torch.float32, pin_memory=t.is_cuda)
+                self.buffers[(name, key, start)] = buf
+            buf.copy_(t.detach().view(-1), non_blocking=t.is_cuda)
+            out.append((name, key, start, buf))
+        if any(t.is_cuda for *_, t in items):
+            torch.cuda.synchronize()
+        return out
+
+
+class _ShardJob:
+    """This rank's shard file written (now or on a background thread), with what the manifest needs of it."""
+
+    def __init__(self, tag_dir: str, rank: int, items: list, rng: dict[str, torch.Tensor]):
+        self.tag_dir, self.file, self.items, self.rng = tag_dir, shard_file(rank), items, rng
+        self.result, self.error, self.seconds = None, None, 0.0
+        self.thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        start = time.perf_counter()
+        try:
+            tensors = [(entry_name(n, k, s), t) for n, k, s, t in self.items]
+            tensors += [(f"rng/{k}", v) for k, v in sorted(self.rng.items())]
+            written = write_shard(os.path.join(self.tag_dir, self.file), tensors)
+            rng = {k: {"start": 0, "length": v.numel(), "file": self.file, "entry": f"rng/{k}",
+                       "blocks": written["blocks"][f"rng/{k}"]} for k, v in self.rng.items()}
+            self.result = {"file": self.file, "info": {"size": written["size"], "header_sha256": written["header_sha256"]},
+                           "segments": segments_of(self.file, written, self.items), "rng": rng}
+        except Exception as e:  # reported to every rank when the save is finalized
+            self.error = f"{os.path.join(self.tag_dir, self.file)}: {type(e).__name__}: {e}"
+        self.seconds = time.perf_counter() - start
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, name="checkpoint-writer", daemon=True)
+        self.thread.start()
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
+class Saver:
+    """A run's training checkpoints. save() is collective; under async_save the shards are written in the background
+    and finalize() (collective: the manifest, then `latest`, then pruning) runs at the first step boundary where
+    every rank has finished (poll), before the next save, or at the end (finish)."""
+
+    def __init__(self, trainer, ckpt_dir: str, keep_last: int, async_save: bool):
+        self.trainer, self.ckpt_dir, self.keep_last, self.async_save = trainer, ckpt_dir, keep_last, async_save
+        self.host_copy = _HostCopy()
+        self.pending: tuple[_ShardJob, dict] | None = None
+        self.last = {}  # timings and bytes of the last finalized save, this rank (the checkpoint_io benchmark)
+
+    def save(self, step: int) -> None:
+        self.finish()  # a save waits for the one before it
+        t0 = time.perf_counter()
+        tag_dir = os.path.join(self.ckpt_dir, tag_for(step))
+        if dist.get_rank() == 0:
+            if os.path.exists(tag_dir):
+                log.warning("removing %s, left by an earlier save of this step, before saving it again", tag_dir)
+                shutil.rmtree(tag_dir)
+            os.makedirs(os.path.join(tag_dir, "shards"))
+        dist.barrier()
+        job = _ShardJob(tag_dir, dist.get_rank(), self.host_copy(owned_segments(self.trainer)), _rng_state())
+        meta = self._meta(step)
+        if self.async_save:
+            job.start()
+        else:
+            job.run()
+        self.pending = (job, meta)
+        self.last = {"blocked_s": time.perf_counter() - t0}
+        if not self.async_save:
+            self.finalize()
+            self.last["blocked_s"] = time.perf_counter() - t0
+
+    def _meta(self, step: int) -> dict:
+        tr = self.trainer
+        shapes = {name: list(getattr(p, "full_shape", None) or p.shape) for name, p in canonical_params(tr)}
+        return {"step": step, "tag": tag_for(step), "shapes": shapes, "optimizer_step": optimizer_step(tr),
+                "engine": engine_state(tr)}
+
+    def local_done(self) -> bool:
+        return self.pending is None or self.pending[0].done()
+
+    def poll(self, all_done: bool) -> None:
+        """At a step boundary, with all_done agreed by every rank: finalize a background save that has finished."""
+        if self.pending is not None and all_done:
+            self.finalize()
+
+    def finish(self) -> None:
+        """Wait for this rank's shard, then finalize (collective)."""
+        if self.pending is not None:
+            self.pending[0].join()
+            self.finalize()
+
+    def finalize(self) -> None:
+        """Collective. Every rank's shard is complete: rank 0 writes the manifest (the completion record), then
+        `latest`, then prunes. A rank whose shard failed fails the save on every rank; `latest` stays."""
+        job, meta = self.pending
+        self.pending = None
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, {"error": job.error, "result": job.result, "shapes": meta["shapes"]})
+        errors = [f"rank {r}: {p['error']}" for r, p in enumerate(parts) if p["error"]]
+        tag_dir = job.tag_dir
+        if errors:
+            raise CheckpointError(f"{tag_dir}: not saved (the last complete checkpoint stays `latest`): "
+                                  + "; ".join(errors))
+        if dist.get_rank() == 0:
+            tr = self.trainer
+            shapes = {k: v for p in parts for k, v in p["shapes"].items()}
+            segments = [s for p in parts for s in p["result"]["segments"]]
+            seq = max([c[0] for c in scan(self.ckpt_dir)[0]], default=0) + 1
+            manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seq": seq,
+                        "config": tr.cfg.to_dict(), "model": tr.cfg.to_dict()["model"],
+                        "source_layout": {"tp": tr.layout.tp, "pp": tr.layout.pp, "dp": tr.layout.dp},
+                        "step": meta["step"], "tokens_seen": meta["step"] * tr.tokens_per_step,
+                        "optimizer": {"step": meta["optimizer_step"]}, "engine": meta["engine"],
+                        "grown_from": tr.grown_from, "history": tr.lineage,
+                        "files": {p["result"]["file"]: p["result"]["info"] for p in parts},
+                        "rank_state": {str(r): p["result"]["rng"] for r, p in enumerate(parts)},
+                        "tensors": table(shapes, segments)}
+            write_atomic(os.path.join(tag_dir, MANIFEST), json.dumps(manifest))
+            write_atomic(os.path.join(self.ckpt_dir, LATEST), meta["tag"])
+            prune(self.ckpt_dir, self.keep_last)
+        dist.barrier()
+        self.last.update(written_bytes=sum(t.numel() * 4 for *_, t in job.items), write_s=job.seconds)
+
+
+# --- loading into a live engine ----------------------------------------------------------------------------------
 
 def adam_step_tensor(param: torch.Tensor, group: dict, step: int) -> torch.Tensor:
     """Adam's `step` where torch's own Optimizer.load_state_dict puts it: a float32 scalar on the parameter's device
@@ -243,14 +462,10 @@ def _init_optimizer_state(trainer, step: int) -> None:
     zero._lazy_init_hp_params_optimizer_state()
 
 
-def load_layout_free(trainer, path: str, load_optimizer: bool = True) -> dict:
-    """Load into the live engine at its own layout: each rank reads the rows of each tensor it holds."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    manifest = read_manifest(path)
-    local = canonical_params(trainer)
+def check_fits(path: str, manifest: dict, trainer) -> None:
+    """Every tensor's shape and every function-changing config key against the live model, before reading a byte."""
     problems = []
-    for name, p in local:
+    for name, p in canonical_params(trainer):
         e = manifest["tensors"].get(name)
         full_shape = list(getattr(p, "full_shape", None) or p.shape)
         if e is None:
@@ -268,127 +483,59 @@ def load_layout_free(trainer, path: str, load_optimizer: bool = True) -> dict:
         if want != have:
             problems.append(f"model.{key}: checkpoint {want} vs config {have}")
     if problems:
-        raise CheckpointError(f"{path}: does not match the model:\n  " + "\n  ".join(problems))
+        raise CheckpointMismatch(f"{path}: does not match the model:\n  " + "\n  ".join(problems))
+
+
+def load_layout_free(trainer, path: str, load_optimizer: bool = True) -> dict:
+    """Load into the live engine at its own layout. Each rank reads the rows of each weight it holds and, of each
+    Adam moment, its own ZeRO fragment; every block it reads is checked. Not collective."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    manifest, store = open_store(path)
+    check_fits(path, manifest, trainer)
     opt = manifest.get("optimizer")
     load_optimizer = load_optimizer and opt is not None
     if load_optimizer:
         _init_optimizer_state(trainer, opt["step"])
-    for name, p in local:
-        tensors = read_tensor_file(path, name, manifest["tensors"][name])
-        weight = _local_rows(tensors["weight"], p).to(p.device)
-        with torch.no_grad():
-            p.copy_(weight.to(p.dtype))  # the model's (low-precision) copy: used by the very next forward
-        safe_set_full_fp32_param(p, weight)  # ZeRO's fp32 master
-        if load_optimizer:
-            for k in OPT_KEYS:
-                if k in tensors:
-                    safe_set_full_optimizer_state(p, _local_rows(tensors[k], p).to(p.device), k)
+    try:
+        for name, p in canonical_params(trainer):
+            first = _first_row(p)
+            weight = store.rows(name, "weight", first, first + p.shape[0]).to(p.device)
+            with torch.no_grad():
+                p.copy_(weight.to(p.dtype))  # the model's (low-precision) copy: used by the very next forward
+            safe_set_full_fp32_param(p, weight)  # ZeRO's fp32 master: this rank's fragment of it
+            frag = getattr(p, "_hp_mapping", None)
+            if load_optimizer and frag is not None:
+                start = first * _row_elems(p) + frag.lp_fragment_address.start
+                n = frag.lp_fragment_address.numel
+                for key in OPT_KEYS:
+                    if key in manifest["tensors"][name]["keys"]:
+                        frag.get_hp_fragment(key).copy_(store.read(name, key, start, start + n))
+        same_layout = manifest["source_layout"] == {"tp": trainer.layout.tp, "pp": trainer.layout.pp,
+                                                    "dp": trainer.layout.dp}
+        rng = store.rank_state(dist.get_rank()) if same_layout else None
+    except StoreError as e:
+        raise CheckpointError(str(e)) from None
+    if rng:
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    if load_optimizer:
+        restore_engine_state(trainer, manifest.get("engine"))
+    trainer.bytes_read = store.bytes_read
     return manifest
 
 
-def load_weights(model: torch.nn.Module, path: str) -> dict:
-    """Weights of a layout-free checkpoint into a plain, unsharded TokenFormer (evaluation, generation, tests)."""
-    path = path if os.path.exists(os.path.join(path, MANIFEST)) else _resolve(path)
-    manifest = read_manifest(path)
-    entries, params = manifest["tensors"], dict(model.named_parameters())
-    missing = sorted(set(params) - set(entries))
-    if missing:
-        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing)}")
-    for name, p in params.items():  # from the manifest, before reading a byte
-        if list(p.shape) != list(entries[name]["shape"]):
-            raise CheckpointError(f"{path}: {name}: checkpoint {entries[name]['shape']} vs model {list(p.shape)}")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(read_tensor_file(path, name, entries[name])["weight"])
-    return manifest
-
-
-def write_layout_free(tensors: dict[str, torch.Tensor], cfg, out: str, note: dict | None = None) -> None:
-    """Weights only (no optimizer state), from full tensors in one process: imports, tests, tools."""
-    from safetensors.torch import save_file
-    partial = out.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(os.path.join(partial, "tensors"))
-    entries = {}
-    for name, t in tensors.items():
-        path = os.path.join(partial, tensor_file(name))
-        save_file({"weight": t.detach().float().contiguous()}, path)
-        entries[name] = {"file": tensor_file(name), "shape": list(t.shape), "dtype": "float32", "keys": ["weight"],
-                         "sha256": sha256_file(path)}
-    manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict(),
-                "model": cfg.to_dict()["model"], "source_layout": {"tp": 1, "pp": 1, "dp": 1}, "step": 0,
-                "tokens_seen": 0, "optimizer": None, "tensors": dict(sorted(entries.items())),
-                "history": [note] if note else []}
-    write_atomic(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1))
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(partial, out)
-
-
-def _resolve(path: str) -> str:
-    from .reshard import resolve_source
-    return resolve_source(path)
-
-
-def model_config_of(path: str):
-    """The ModelConfig a layout-free checkpoint was written with."""
-    from .config import ModelConfig, _build
-    return _build(ModelConfig, read_manifest(_resolve(path))["model"])
-
-
-# --- training checkpoints ----------------------------------------------------------------------------------------
-
-def read_complete(tag_dir: str) -> dict:
-    record = read_json(os.path.join(tag_dir, COMPLETE), "the completion record")
-    if not isinstance(record.get("files"), dict) or not isinstance(record.get("seq"), int):
-        raise CheckpointError(f"{os.path.join(tag_dir, COMPLETE)}: no 'files' table or 'seq' number")
-    return record
-
-
-def list_files(tag_dir: str) -> list[str]:
-    """Every file under a tag directory (paths relative to it, sorted), its completion record aside."""
-    out = []
-    for root, _, names in os.walk(tag_dir):
-        out += [os.path.relpath(os.path.join(root, n), tag_dir) for n in names]
-    return sorted(n for n in out if n != COMPLETE)
-
-
-def check_files(root: str, expected: dict[str, dict], names: list[str]) -> list[str]:
-    """What is wrong with root/name for each of names (missing, size, sha256) against expected digests."""
-    problems = []
-    for name in names:
-        path = os.path.join(root, name)
-        if not os.path.isfile(path):
-            problems.append(f"{name} is missing")
-            continue
-        got = file_digest(path)
-        if got["size"] != expected[name]["size"]:
-            problems.append(f"{name}: {got['size']} bytes, the record says {expected[name]['size']} (truncated?)")
-        elif got["sha256"] != expected[name]["sha256"]:
-            problems.append(f"{name}: checksum mismatch (corrupt)")
-    return problems
-
-
-def _all_gather(obj) -> list:
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def _from_rank0(obj):
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
+# --- a run's checkpoints: which are complete, which to resume, which to prune ----------------------------------
 
 def scan(ckpt_dir: str) -> tuple[list[tuple[int, str, dict]], list[str]]:
-    """(complete checkpoints as (seq, tag, record), oldest save first; tag directories without a valid record)."""
+    """(complete checkpoints as (seq, tag, manifest), oldest save first; tag directories without a valid manifest)."""
     complete, partial = [], []
     names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
     for tag in sorted(n for n in names if TAG.match(n) and os.path.isdir(os.path.join(ckpt_dir, n))):
         try:
-            record = read_complete(os.path.join(ckpt_dir, tag))
-            complete.append((record["seq"], tag, record))
+            manifest = read_manifest(os.path.join(ckpt_dir, tag))
+            complete.append((int(manifest.get("seq", 0)), tag, manifest))
         except (CheckpointError, OSError):
             partial.append(tag)
     return sorted(complete, key=lambda c: c[0]), partial
@@ -416,8 +563,8 @@ def candidates(ckpt_dir: str) -> tuple[list[str], list[str]]:
     elif not TAG.match(latest):
         notes.append(f"{latest_path} holds {latest[:60]!r}, not a checkpoint tag")
     elif latest in partial:
-        notes.append(f"{latest_path} names {latest}, which has no valid completion record ({COMPLETE}: "
-                     f"half-written, or written before completion records existed)")
+        notes.append(f"{latest_path} names {latest}, which has no valid {MANIFEST} (a save that did not finish, "
+                     f"or one written before format {FORMAT})")
     else:
         notes.append(f"{latest_path} names {latest}, which does not exist")
     return order, notes
@@ -428,31 +575,6 @@ def has_checkpoints(ckpt_dir: str) -> bool:
     return os.path.exists(os.path.join(ckpt_dir, LATEST)) or bool(scan(ckpt_dir)[0])
 
 
-def choose_checkpoint(ckpt_dir: str) -> str:
-    """The checkpoint a resume loads, agreed by all ranks: the one `latest` names if it is complete and intact, else
-    the newest intact complete one (logged, naming why). Every file of it is verified against its completion record
-    once, the files split across ranks. None intact: CheckpointError naming the directory and each problem."""
-    order, notes = _from_rank0(candidates(ckpt_dir) if dist.get_rank() == 0 else None)
-    for tag in order:
-        tag_dir = os.path.join(ckpt_dir, tag)
-        try:
-            record = read_complete(tag_dir)
-            names = sorted(record["files"])
-            mine = check_files(tag_dir, record["files"], names[dist.get_rank()::dist.get_world_size()])
-        except (CheckpointError, OSError) as e:
-            mine = [str(e)]
-        problems = [p for part in _all_gather(mine) for p in part]
-        if not problems:
-            if notes and dist.get_rank() == 0:
-                log.warning("%s; resuming from the newest intact checkpoint, %s", "; ".join(notes), tag_dir)
-            return tag
-        notes.append(f"{tag_dir}: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
-    raise CheckpointError(f"{ckpt_dir}: no intact complete checkpoint to resume from"
-                          + ("".join(f"\n  {n}" for n in notes) if notes else "")
-                          + f"\n  (to start afresh from a layout-free copy: --checkpoint.load "
-                            f"{ckpt_dir}/global_stepN/layout_free with a new --run-dir)")
-
-
 def prune(ckpt_dir: str, keep_last: int) -> None:
     """Remove half-written tag directories, and complete checkpoints beyond the newest keep_last by save order
     (0: keep all); never the one `latest` names, never the last complete one. One process (rank 0)."""
@@ -460,7 +582,7 @@ def prune(ckpt_dir: str, keep_last: int) -> None:
     latest = read_latest(ckpt_dir)
     for tag in partial:
         if tag != latest:
-            log.warning("removing %s: no completion record (a save that did not finish)", os.path.join(ckpt_dir, tag))
+            log.warning("removing %s: no %s (a save that did not finish)", os.path.join(ckpt_dir, tag), MANIFEST)
             shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
     if keep_last > 0:
         for _, tag, _ in complete[:-keep_last]:
@@ -468,51 +590,37 @@ def prune(ckpt_dir: str, keep_last: int) -> None:
                 shutil.rmtree(os.path.join(ckpt_dir, tag), ignore_errors=True)
 
 
-def save_checkpoint(trainer, ckpt_dir: str, step: int, keep_last: int) -> None:
-    """Collective. DeepSpeed's files and the layout-free copy, then the completion record (every file hashed, the
-    files split across ranks), then `latest`, then pruning."""
-    tag = tag_for(step)
-    tag_dir = os.path.join(ckpt_dir, tag)
-    if dist.get_rank() == 0 and os.path.exists(tag_dir):
-        log.warning("removing %s, left by an earlier save of this step, before saving it again", tag_dir)
-        shutil.rmtree(tag_dir)
-    dist.barrier()
-    trainer.engine.save_checkpoint(ckpt_dir, tag=tag, client_state=trainer.client_state(), save_latest=False)
-    save_layout_free(trainer, os.path.join(tag_dir, "layout_free"))
-    dist.barrier()  # every rank's files are complete before they are hashed
-    names = _from_rank0(list_files(tag_dir) if dist.get_rank() == 0 else None)
-    mine = {n: file_digest(os.path.join(tag_dir, n)) for n in names[dist.get_rank()::dist.get_world_size()]}
-    files = {k: v for part in _all_gather(mine) for k, v in part.items()}
-    if dist.get_rank() == 0:
-        seq = max([c[0] for c in scan(ckpt_dir)[0]], default=0) + 1
-        record = {"tag": tag, "step": step, "seq": seq, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "files": dict(sorted(files.items()))}
-        write_atomic(os.path.join(tag_dir, COMPLETE), json.dumps(record, indent=1))
-        write_atomic(os.path.join(ckpt_dir, LATEST), tag)
-        prune(ckpt_dir, keep_last)
-    dist.barrier()
+def _from_rank0(obj):
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def load_checkpoint(trainer, ckpt_dir: str) -> dict:
-    """A run directory's checkpoints/ (its intact checkpoint, chosen by choose_checkpoint: DeepSpeed files when the
-    layout matches, else their layout-free copy), or a layout-free checkpoint directory (e.g. what the resharding
-    tool wrote). Collective."""
+    """A layout-free checkpoint directory (what the resharding tool wrote, or one tag of a run), or a run's
+    checkpoints/: the one `latest` names if it loads intact on every rank, else the newest complete one that does
+    (logged, naming why). Collective: the ranks agree on success; none intact is a CheckpointError naming each
+    problem."""
     if os.path.exists(os.path.join(ckpt_dir, MANIFEST)):
-        manifest = load_layout_free(trainer, ckpt_dir)
-        return {"step": manifest["step"], "manifest": manifest}
+        return load_layout_free(trainer, ckpt_dir)
     if not os.path.isdir(ckpt_dir) or not (has_checkpoints(ckpt_dir) or scan(ckpt_dir)[1]):
         raise CheckpointError(f"{ckpt_dir}: neither a '{LATEST}' file, a checkpoint nor a {MANIFEST}: not a checkpoint")
-    tag = choose_checkpoint(ckpt_dir)
-    lf = os.path.join(ckpt_dir, tag, "layout_free")
-    manifest = read_manifest(lf) if os.path.exists(lf) else None
-    layout = {"tp": trainer.layout.tp, "pp": trainer.layout.pp, "dp": trainer.layout.dp}
-    if manifest is not None and manifest["source_layout"] != layout:
-        load_layout_free(trainer, lf)
-        return {"step": manifest["step"], "manifest": manifest}
-    path, state = trainer.engine.load_checkpoint(ckpt_dir, tag=tag)
-    if path is None:
-        raise CheckpointError(f"{ckpt_dir}/{tag}: DeepSpeed could not load it")
-    rng = state.get("rng") or {}
-    if rng.get("torch") is not None:
-        torch.set_rng_state(rng["torch"])
-    return {**state, "manifest": manifest}
+    order, notes = _from_rank0(candidates(ckpt_dir) if dist.get_rank() == 0 else None)
+    for tag in order:
+        tag_dir = os.path.join(ckpt_dir, tag)
+        try:
+            manifest, problem = load_layout_free(trainer, tag_dir), None
+        except CheckpointMismatch:
+            raise
+        except (CheckpointError, OSError) as e:
+            manifest, problem = None, str(e)
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+        problems = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+        if not problems:
+            if notes and dist.get_rank() == 0:
+                log.warning("%s; resuming from the newest intact checkpoint, %s", "; ".join(notes), tag_dir)
+            return manifest
+        notes.append(f"{tag_dir}: " + "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else ""))
+    raise CheckpointError(f"{ckpt_dir}: no intact complete checkpoint to resume from"
+                          + ("".join(f"\n  {n}" for n in notes) if notes else ""))

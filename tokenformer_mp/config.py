@@ -156,6 +156,9 @@ class CheckpointConfig:
     save_interval: int = 0  # 0: only at the end
     keep_last: int = 2
     load: str | None = None  # a checkpoint to start from; the run directory's own checkpoints, if any, come first
+    # Write checkpoints in the background: training waits only while the state is copied to host memory, the shards
+    # are written meanwhile, and `latest` moves once every rank has finished (a save waits for the one before it).
+    async_save: bool = False
 
 
 @dataclass

@@ -1,29 +1,27 @@
 """Move a checkpoint to another parallel layout and grow its parameter tokens, in one streaming pass.
 
-Checkpoints are layout-free (full tensors, one file each), so "resharding" is: validate the target layout against
-the model, stamp it into the config, and copy tensor by tensor; the trainer slices each rank's rows at load time.
+Checkpoints are layout-free (tensors as segments of their flat index, any rank's rows readable), so "resharding"
+is: validate the target layout against the model, stamp it into the config, and copy tensor by tensor (read whole,
+verified, written to a file of its own); the trainer reads each rank's rows at load time.
 Expansion appends parameter tokens to every Pattention with zero keys (the function is unchanged: tau stays pinned
 to the old token count) and N(0, std) values, so the new tokens can learn.
 """
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
 import re
-import shutil
-import time
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import (LATEST, MANIFEST, TAG, CheckpointError, candidates, read_manifest, read_tensor_file,
-                         sha256_file, write_atomic)
+from .checkpoint import LATEST, MANIFEST, TAG, CheckpointError, OfflineWriter, candidates, read_manifest
 from .config import PATTENTION_KINDS, Config, ConfigError, _build, validate
 from .model import append_tokens
+from .store import Store, StoreError
 
 log = logging.getLogger("tokenformer_mp")
 _PATTENTION = re.compile(r"layers\.\d+\.(?:attention\.(query|key|value|proj)|ffn)\.(key_tokens|value_tokens)$")
@@ -39,19 +37,17 @@ def pattention_kind(name: str) -> tuple[str, str] | None:
 
 
 def resolve_source(path: str) -> str:
-    """A layout-free dir, a DeepSpeed tag dir holding one, or a run's checkpoints/ dir (its latest)."""
+    """A layout-free checkpoint directory (a run's tag directory is one), or a run's checkpoints/ directory: the
+    complete checkpoint `latest` names, else the newest complete one (logged)."""
     if os.path.exists(os.path.join(path, MANIFEST)):
         return path
-    if os.path.exists(os.path.join(path, "layout_free", MANIFEST)):
-        return os.path.join(path, "layout_free")
     order, notes = candidates(path)
     for tag in order:  # complete checkpoints, `latest` first; the tensors are verified as they are read
-        if os.path.exists(os.path.join(path, tag, "layout_free", MANIFEST)):
-            if notes:
-                log.warning("%s; reading the newest complete checkpoint, %s", "; ".join(notes), tag)
-            return os.path.join(path, tag, "layout_free")
-    raise CheckpointError(f"{path}: no checkpoint found (expected {MANIFEST}, layout_free/, or a run's checkpoints "
-                          f"with a complete one)" + "".join(f"; {n}" for n in notes))
+        if notes:
+            log.warning("%s; reading the newest complete checkpoint, %s", "; ".join(notes), tag)
+        return os.path.join(path, tag)
+    raise CheckpointError(f"{path}: no checkpoint found (expected {MANIFEST} or a run's checkpoints with a complete "
+                          f"one)" + "".join(f"; {n}" for n in notes))
 
 
 def is_run_checkpoints(path: str) -> bool:
@@ -148,18 +144,14 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
     except ConfigError as e:
         raise CheckpointError(f"target layout/model is invalid: {e}") from None
 
-    from safetensors.torch import save_file
-
-    partial = dst.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(os.path.join(partial, "tensors"))
+    store = Store(src, manifest)
+    writer = OfflineWriter(dst)
     gen = torch.Generator().manual_seed(seed)
     value_std = 2.0 / cfg.model.num_layers / cfg.model.hidden_size**0.5  # as model.make_pattention
     keep_opt = optimizer == "keep" and manifest.get("optimizer") is not None
-    entries = {}
     try:
         for name, e in tqdm(manifest["tensors"].items(), desc="reshard", disable=not progress, unit="tensor"):
-            tensors = {k: v for k, v in read_tensor_file(src, name, e).items() if k == "weight" or keep_opt}
+            tensors = {k: store.full(name, k) for k in e["keys"] if k == "weight" or keep_opt}
             kind = pattention_kind(name)
             if kind is not None and expand is not None:
                 n_old, n_new = old.tokens(kind[0]), cfg.model.tokens(kind[0])
@@ -170,28 +162,24 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
                     std = cfg.model.init_std if kind[1] == "key_tokens" else value_std
                     tensors = {k: (append_tokens(v, n_new - n_old, init, std, gen) if k == "weight"
                                    else append_tokens(v, n_new - n_old, "zeros", 0.0)) for k, v in tensors.items()}
-            path = os.path.join(partial, e["file"])
-            save_file({k: v.contiguous() for k, v in tensors.items()}, path)
-            entries[name] = {**e, "shape": list(tensors["weight"].shape), "keys": sorted(tensors),
-                             "sha256": sha256_file(path)}
+            writer.add(name, tensors)
             del tensors
-    except BaseException:  # a corrupt source tensor, a full disk: leave nothing half-written
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException as e:  # a corrupt source tensor, a full disk: leave nothing half-written
+        writer.discard()
+        if isinstance(e, StoreError):
+            raise CheckpointError(str(e)) from None
         raise
     grown = expand is not None and cfg.model != old
-    new = {**manifest, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict(),
-           "model": cfg.to_dict()["model"], "tensors": entries,
-           "optimizer": manifest.get("optimizer") if keep_opt else None,
-           # a grown model starts a new LR schedule; a moved one continues where it stopped
-           "step": 0 if grown else manifest["step"],
-           # which tokens are "old" (train.old_tokens_lr_mult): the counts before this growth
-           "grown_from": ({k: min(old.tokens(k), cfg.model.tokens(k)) for k in PATTENTION_KINDS} if grown
-                          else manifest.get("grown_from")),
-           "history": manifest.get("history", []) + [{"from": src, "source_layout": manifest["source_layout"],
-                                                      "target_layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp},
-                                                      "expanded": grown, "optimizer": optimizer}]}
-    write_atomic(os.path.join(partial, MANIFEST), json.dumps(new, indent=1))
-    if os.path.exists(dst):
-        shutil.rmtree(dst)
-    os.replace(partial, dst)
-    return new
+    kept = {k: v for k, v in manifest.items() if k not in ("format", "created", "files", "tensors", "rank_state", "seq")}
+    return writer.commit(**{
+        **kept, "config": cfg.to_dict(), "model": cfg.to_dict()["model"],
+        "optimizer": manifest.get("optimizer") if keep_opt else None,
+        "engine": manifest.get("engine") if keep_opt and not grown else None,
+        # a grown model starts a new LR schedule; a moved one continues where it stopped
+        "step": 0 if grown else manifest["step"],
+        # which tokens are "old" (train.old_tokens_lr_mult): the counts before this growth
+        "grown_from": ({k: min(old.tokens(k), cfg.model.tokens(k)) for k in PATTENTION_KINDS} if grown
+                       else manifest.get("grown_from")),
+        "history": manifest.get("history", []) + [{"from": src, "source_layout": manifest["source_layout"],
+                                                   "target_layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp},
+                                                   "expanded": grown, "optimizer": optimizer}]})

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .checkpoint import CheckpointError, Saver, canonical_params, has_checkpoints, load_checkpoint, write_atomic
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
 from .flops import MatmulPeak, datasheet_bf16_peak, format_mfu, measure_matmul_flops
 from .model import Pattention, flops_per_token
@@ -136,7 +137,6 @@ class MetricsWriter:
             # one W&B run per run directory: a requeued job continues it instead of starting another
             id_file = os.path.join(run_dir, "wandb_run_id")
             if not os.path.exists(id_file):
-                from .checkpoint import write_atomic
                 write_atomic(id_file, os.urandom(8).hex())
             with open(id_file) as f:
                 run_id = f.read().strip()
@@ -197,7 +197,6 @@ class Trainer:
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
         if self.is_logger:
             os.makedirs(self.run_dir, exist_ok=True)
-            from .checkpoint import write_atomic
             write_atomic(os.path.join(self.run_dir, "config.yaml"), to_yaml(cfg))
         self._build_engine(groups)
 
@@ -222,6 +221,9 @@ class Trainer:
         self.history: list[dict] = []  # every step's record, on every rank (tests compare layouts with it)
         self._stop_signal = None
         self.loaded_from, self.grown_from = None, None  # grown_from: token counts per kind before the last growth
+        self.lineage: list[dict] = []  # the loaded checkpoint's history (resharding, growth), carried into new saves
+        self.bytes_read = 0  # by the last checkpoint load, this rank
+        self.saver = Saver(self, self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.row_rules = None  # installed at the first step, once a checkpoint (and its grown_from) is loaded
 
     # --- engine -----------------------------------------------------------------------------------------------
@@ -271,7 +273,6 @@ class Trainer:
 
     # --- per-row optimizer rules: no decay for the final LayerNorm, old tokens' rate after growth ---------------
     def _install_row_rules(self) -> None:
-        from .checkpoint import canonical_params
         from .optim import RowRule, RowRules, zero_leading_rows_grad
         from .reshard import pattention_kind
 
@@ -328,21 +329,14 @@ class Trainer:
         return sum(losses) / len(losses)
 
     # --- checkpoints ------------------------------------------------------------------------------------------
-    def client_state(self) -> dict:
-        return {"step": self.step, "tokens_seen": self.step * self.tokens_per_step, "config": self.cfg.to_dict(),
-                "layout": {"tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp},
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-
     def save(self) -> None:
         """A checkpoint of this step, unless any rank holds a non-finite parameter or optimizer state: that is never
         saved (nor made `latest`, nor allowed to prune a good checkpoint away)."""
-        from .checkpoint import save_checkpoint
         bad = self._ranks_with_nonfinite_state()
         if bad:
             raise TrainingDiverged(f"step {self.step}: non-finite parameters or optimizer state on rank(s) {bad}; "
                                    f"not saved. The last good checkpoint in {self.ckpt_dir} is kept.")
-        save_checkpoint(self, self.ckpt_dir, self.step, self.cfg.checkpoint.keep_last)
+        self.saver.save(self.step)
 
     def _ranks_with_nonfinite_state(self) -> list[int]:
         """Ranks whose parameters or optimizer state (the model's copy, ZeRO's fp32 partition and its Adam moments)
@@ -361,17 +355,17 @@ class Trainer:
         run starts (a grown or resharded checkpoint), so the same command, requeued after preemption, continues from
         the run's own progress instead of starting over from it (torchtitan's initial_load_path, Megatron's
         --pretrained-checkpoint)."""
-        from .checkpoint import has_checkpoints, load_checkpoint
         own = self.ckpt_dir if has_checkpoints(self.ckpt_dir) else None
         src = own or self.cfg.checkpoint.load
         if own and self.cfg.checkpoint.load and self.is_logger:
             log.info("checkpoint.load %s is where the run started; it continues from its own checkpoints in %s",
                      self.cfg.checkpoint.load, self.ckpt_dir)
         if src is not None:
-            state = load_checkpoint(self, src)
-            self.step = state["step"]
-            self.loaded_from, self.grown_from = src, (state.get("manifest") or {}).get("grown_from")
-            self.scheduler.last_epoch = self.step  # DeepSpeed restores it from its own files; not from layout-free
+            manifest = load_checkpoint(self, src)
+            self.step = manifest["step"]
+            self.loaded_from, self.grown_from = src, manifest.get("grown_from")
+            self.lineage = manifest.get("history", [])
+            self.scheduler.last_epoch = self.step
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(self.step, self.cfg)
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
@@ -382,16 +376,19 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum  # checkpoint at the next step boundary, then exit (Slurm requeues)
 
-    def _stop_agreed(self) -> bool:
-        """Whether any rank got a stop signal, agreed by all ranks at this step boundary.
+    def _step_boundary(self) -> bool:
+        """Whether any rank got a stop signal, agreed by all ranks at this step boundary; with it, whether every
+        rank has finished writing a background checkpoint, which is then finalized here.
 
         Slurm signals every task, but each rank reaches the boundary at its own moment (pipeline stages are skewed):
         deciding alone, one rank could enter save() (collectives) while another starts the next step, and hang."""
-        sig = self._stop_signal or 0
+        flags = [self._stop_signal or 0, int(not self.saver.local_done())]
         if self.layout.world > 1:
-            t = torch.tensor([sig], dtype=torch.int64, device=self.device)
+            t = torch.tensor(flags, dtype=torch.int64, device=self.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            sig = int(t.item())
+            flags = t.tolist()
+        sig, writing = flags
+        self.saver.poll(all_done=not writing)
         if sig and self._stop_signal is None:
             self._stop_signal = sig
         return sig != 0
@@ -465,7 +462,7 @@ class Trainer:
             last.update(rec)
             save_every = self.cfg.checkpoint.save_interval
             exiting = t.exit_after_steps and self.step - first_step >= t.exit_after_steps
-            stop = self._stop_agreed()
+            stop = self._step_boundary()
             if stop or exiting or (save_every and self.step % save_every == 0) or self.step == t.steps:
                 self.save()
             if exiting:
@@ -474,6 +471,7 @@ class Trainer:
                 if self.is_logger:
                     bar.write(f"signal {self._stop_signal}: checkpoint saved at step {self.step}, exiting")
                 break
+        self.saver.finish()  # a checkpoint still being written in the background: complete, then `latest`
         bar.close()
         self.metrics.close()
         if self.is_logger and self.step == t.steps:
@@ -517,7 +515,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:  # LaunchError is a ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .checkpoint import CheckpointError
     try:
         result = trainer.fit()
     except (ConfigError, CheckpointError) as e:  # found at load time: a bad checkpoint, or rules it cannot satisfy

@@ -147,6 +147,11 @@ def bench_precision():
                                         "train.warmup_steps": 5, "train.eval_iters": 8, "train.log_interval": 50})
 
 
+def bench_checkpoint_io():
+    from tokenformer_mp.bench.checkpoint_io import run
+    return run()
+
+
 SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "pattention_ms", "fused_ms", "mlp_ms",
                                               "ratio", "fused_ratio"]),
             "pattention_parts": (bench_pattention_parts, ["variant", "ms", "ratio"]),
@@ -161,6 +166,10 @@ SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "patte
                                           "speedup", "same_tokens"]),
             "precision": (bench_precision, ["variant", "optimizer", "grad_accum_dtype", "final_loss",
                                             "max_rel_loss_diff", "final_rel_loss_diff", "val_loss", "val_rel_diff"]),
+            "checkpoint_io": (bench_checkpoint_io, ["world", "layout", "checkpoint_gb", "written_mb_per_rank",
+                                                    "write_vs_ideal", "read_mb_per_rank", "read_vs_ideal",
+                                                    "sync_blocked_s", "async_blocked_s", "async_blocked_vs_sync",
+                                                    "async_total_s", "load_s", "within_targets"]),
             "reshard": (bench_reshard, ["config", "checkpoint_gb", "largest_tensor_mb", "seconds", "peak_rss_gb",
                                         "limit_gb", "within_limit"])}
 

@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("path")
     ap.add_argument("--verify", action="store_true",
-                    help="recompute every checksum (the tensors', and in a training checkpoint DeepSpeed's files too)")
+                    help="read every block of every tensor and check its checksum")
     ap.add_argument("--json", action="store_true", help="the whole manifest as JSON")
     args = ap.parse_args(argv)
     try:
@@ -36,9 +36,11 @@ def main(argv=None) -> int:
         print("grown from " + " ".join(f"{k}_tokens={v}" for k, v in m["grown_from"].items()) +
               "  (the old tokens: train.old_tokens_lr_mult)")
     for name, e in m["tensors"].items():
-        print(f"  {name:<45} {str(e['shape']):<14} {e['dtype']:<8} {','.join(e['keys']):<28} {e['sha256'][:12]}")
+        segments = sum(len(v) for v in e["segments"].values())
+        print(f"  {name:<45} {str(e['shape']):<14} {e['dtype']:<8} {','.join(e['keys']):<28} {segments} segments")
+    print(f"{len(m['files'])} files, {sum(f['size'] for f in m['files'].values()) / 1e6:.1f} MB")
     if args.verify:
-        print(f"checksums: all ok ({checked} files)")
+        print(f"checksums: all ok ({checked / 1e6:.1f} MB read and checked)")
     return 0
 
 

@@ -10,32 +10,25 @@ import time
 
 import torch
 
-from ..checkpoint import FORMAT, MANIFEST, sha256_file, tensor_file, write_atomic
+from ..checkpoint import OfflineWriter
 from ..config import load_config
 
 
 def make_random_checkpoint(config: str, out: str, seed: int = 0) -> dict:
     """A weights-only layout-free checkpoint of the config's shapes, written one tensor at a time."""
-    from safetensors.torch import save_file
-
     from ..model import TokenFormer
     cfg = load_config(config)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in TokenFormer(cfg.model).named_parameters()}
-    os.makedirs(os.path.join(out, "tensors"), exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    entries, largest = {}, 0
+    writer, largest = OfflineWriter(out), 0
     for name, shape in shapes.items():
-        path = os.path.join(out, tensor_file(name))
-        save_file({"weight": torch.randn(shape, generator=g).mul_(0.02)}, path)
-        entries[name] = {"file": tensor_file(name), "shape": list(shape), "dtype": "float32", "keys": ["weight"],
-                         "sha256": sha256_file(path)}
+        writer.add(name, {"weight": torch.randn(shape, generator=g).mul_(0.02)})
         largest = max(largest, 4 * int(torch.Size(shape).numel()))
-    manifest = {"format": FORMAT, "config": cfg.to_dict(), "model": cfg.to_dict()["model"], "step": 0,
-                "tokens_seen": 0, "optimizer": None, "source_layout": {"tp": 1, "pp": 1, "dp": 1}, "tensors": entries}
-    write_atomic(os.path.join(out, MANIFEST), json.dumps(manifest))
-    total = sum(os.path.getsize(os.path.join(out, e["file"])) for e in entries.values())
-    return {"bytes": total, "largest_tensor_bytes": largest, "tensors": len(entries)}
+    manifest = writer.commit(config=cfg.to_dict(), model=cfg.to_dict()["model"], step=0, tokens_seen=0,
+                             optimizer=None, source_layout={"tp": 1, "pp": 1, "dp": 1})
+    total = sum(f["size"] for f in manifest["files"].values())
+    return {"bytes": total, "largest_tensor_bytes": largest, "tensors": len(shapes)}
 
 
 def measure(config: str, workdir: str, tp: int = 2, pp: int = 2, expand_factor: float = 2.0) -> dict:
