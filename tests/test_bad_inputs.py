@@ -180,6 +180,7 @@ CASES = [
     T("save_interval_negative", {"checkpoint.save_interval": -1}, "checkpoint.save_interval: -1: must be >= 0 (0: "
       "save only at the end"),
     T("keep_last_negative", {"checkpoint.keep_last": -1}, "checkpoint.keep_last: -1: must be >= 0 (0: keep every"),
+    T("prefetch_steps_negative", {"data.prefetch_steps": -1}, "data.prefetch_steps: -1: must be >= 0"),
     T("async_save_not_a_bool", {"checkpoint.async_save": "maybe"}, "checkpoint.async_save: expected true/false"),
     T("seed_negative", {"train.seed": -1}, "train.seed: -1: must be within [0, 2**32)"),
     T("split_garbage", {"data.split": "abc"}, "data.split: 'abc': three comma-separated shares"),

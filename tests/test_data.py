@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -461,3 +462,68 @@ def test_torn_dataset_cache_is_rebuilt(neox_prefix, val_prefix, neox, tmp_path, 
     assert "(a torn write); removed, it is rebuilt" in caplog.text and "description.txt missing" in caplog.text
     assert sorted(p.name for p in cache.iterdir()) == names
     assert all(npy_problem(str(p)) is None for p in cache.glob("*.npy"))
+
+
+def test_prefetched_batches_are_the_same_in_the_same_order():
+    """data.prefetch_steps: the batches a background thread assembles ahead equal those assembled when needed, step
+    by step and across a jump (a resume at step 7); and a step reads the same samples at DP=1 and DP=2."""
+    from tokenformer_mp.bench.synthetic import RandomTokens
+    from tokenformer_mp.data.batches import Batches
+    ds = RandomTokens(500, 16, 1000)
+    cpu = torch.device("cpu")
+
+    def steps(batches, order):
+        return [[torch.cat([t.reshape(-1) for t in (tok, lab, m)]) for tok, (lab, m) in batches.micro_batches(s)]
+                for s in order]
+
+    order = [0, 1, 2, 7, 8, 3]
+    for dp, rank in ((1, 0), (2, 0), (2, 1)):
+        plain = steps(Batches(ds, dp, rank, 2, 3, cpu), order)
+        ahead = Batches(ds, dp, rank, 2, 3, cpu, prefetch=2)
+        got = steps(ahead, order)
+        ahead.close()
+        assert all(torch.equal(a, b) for x, y in zip(plain, got) for a, b in zip(x, y)), (dp, rank)
+        assert ahead.wait_s > 0
+    one = Batches(ds, 1, 0, 2, 4, cpu)  # DP=1: 4 micro-batches of 2; DP=2: 2 each, the same 8 samples in order
+    two = [Batches(ds, 2, r, 2, 2, cpu) for r in (0, 1)]
+    for s in (0, 5):
+        whole = [tok for tok, _ in one.micro_batches(s)]
+        split = [tok for b in two for tok, _ in b.micro_batches(s)]
+        assert torch.equal(torch.cat(whole), torch.cat(split))
+
+
+def test_index_cache_is_built_before_any_collective_and_found_when_prebuilt(minipile, tmp_path):
+    """Rank 1 started alone waits for rank 0's index cache longer than parallel.timeout_s (12 s against 5): the
+    build happens before any process group, so no collective times out; and a cache built beforehand by
+    tools/build_data_cache.py is what the trainer loads (its files untouched)."""
+    from tests.conftest import REPO, debug_overrides
+    from tests.test_training import _args
+    from tokenformer_mp.parallel.local import _free_port
+
+    def start(rank: int, run, **kw) -> subprocess.Popen:
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        args = _args(debug_overrides(minipile, run, **{"train.steps": 1, "parallel.timeout_s": 5, **kw}))
+        return subprocess.Popen([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    port = _free_port()
+    late = start(1, tmp_path / "a")
+    time.sleep(12)
+    assert late.poll() is None, late.communicate()[0][-3000:]  # still waiting, no process group to time out
+    first = start(0, tmp_path / "a")
+    outs = [p.communicate(timeout=300)[0] for p in (late, first)]
+    assert [late.returncode, first.returncode] == [0, 0], "\n".join(o[-2000:] for o in outs)
+
+    run = tmp_path / "b"
+    res = subprocess.run([sys.executable, "tools/build_data_cache.py", "--config", "configs/debug.yaml",
+                          *_args(debug_overrides(minipile, run, **{"train.steps": 1}))], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cache = run / "data_cache"
+    before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix == ".npy"}
+    assert len(before) >= 6
+    subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml",
+                    *_args(debug_overrides(minipile, run, **{"train.steps": 1}))], cwd=REPO, check=True,
+                   capture_output=True)
+    assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix == ".npy"} == before

@@ -133,3 +133,39 @@ def test_recomputing_the_gelu_keeps_no_weights(tp):
                 else rank_activation_bytes(cfg, 1, False, batch, r)) for r in ("none", "gelu")}
     weights = cfg.num_layers * batch * cfg.seq_length * (3 * 32 + 32 + 128) // tp * 4
     assert kept["none"] - kept["gelu"] == weights
+
+
+def _stage_builds(cfg: ModelConfig, tp: int, pp: int) -> tuple[int, int, list[int]]:
+    """On a rank of TP x PP: (blocks built, blocks on this stage, stage boundaries)."""
+    import torch.distributed as dist
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from tokenformer_mp.parallel import build
+    from tokenformer_mp.parallel.launch import init_distributed, discover
+    init_distributed(discover(), torch.device("cpu"), 120)
+    from tokenformer_mp.parallel import groups
+    groups.initialize(tp, pp)
+    built, init = [], build.BlockPipe.__init__
+
+    def counted(self, *args, **kwargs):  # test instrumentation: every block constructed on this rank
+        built.append(args[1])
+        init(self, *args, **kwargs)
+    build.BlockPipe.__init__ = counted
+    try:
+        topo = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dist.get_world_size() // (tp * pp))
+        pipe = build.build_pipeline(cfg, 5, groups.tp_group(), topo, False)
+    finally:
+        build.BlockPipe.__init__ = init
+    local = sum(isinstance(m, build.BlockPipe) for m in pipe.modules())
+    dist.destroy_process_group()
+    return len(built), local, list(pipe.parts)
+
+
+def test_pipeline_stages_are_balanced_without_building_other_stages_layers():
+    """Stages balanced by each layer's unsharded parameter count from the config: a rank builds its own stage's
+    blocks only (DeepSpeed's own count built all of them on every rank), and TP ranks with uneven token shards
+    (31 / 33 / 127 tokens over TP=2) agree on the boundaries."""
+    cfg = _cfg(num_layers=4, qkv_tokens=31, proj_tokens=33, ffn_tokens=127)
+    ranks = run_ranks(4, _stage_builds, cfg, 2, 2)
+    assert all(built == local and local > 0 for built, local, _ in ranks), ranks
+    assert len({tuple(parts) for *_, parts in ranks}) == 1

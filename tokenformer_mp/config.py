@@ -70,6 +70,9 @@ class DataConfig:
     tokenizer_type: str = "SentencePieceTokenizer"
     tokenizer_model: str = ""
     cache_dir: str | None = None  # megatron's index cache; None: next to the run directory
+    # Steps of micro-batches assembled ahead by a background thread (pinned, copied without blocking on a GPU);
+    # 0: assembled on the training thread when needed.
+    prefetch_steps: int = 2
 
 
 @dataclass
@@ -430,6 +433,7 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
 
     d = cfg.data
     shares = _split_shares(d.split)
+    need(d.prefetch_steps >= 0, "data.prefetch_steps", f"{d.prefetch_steps}: must be >= 0 (0: no prefetching)")
     need(shares is not None, "data.split",
          f"{d.split!r}: three comma-separated shares >= 0 (train,valid,test) with a positive train share, "
          f"like '98,2,0'")

@@ -20,8 +20,10 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, Saver, canonical_params, has_checkpoints, load_checkpoint, write_atomic
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
+from .data.batches import Batches
 from .flops import MatmulPeak, datasheet_bf16_peak, format_mfu, measure_matmul_flops
 from .model import Pattention, flops_per_token
+from .tokenizer import build_tokenizer
 
 log = logging.getLogger("tokenformer_mp")
 
@@ -96,28 +98,6 @@ class Layout:
     world: int
 
 
-class Batches:
-    """Deterministic batches: global step s reads samples [s*G, (s+1)*G) of the (already shuffled) dataset, this DP
-    rank its slice of those. The data position is therefore the step itself, which makes resume exact."""
-
-    def __init__(self, dataset, layout: Layout, micro_batch: int, accum: int, device: torch.device):
-        self.ds, self.layout, self.mbs, self.accum, self.device = dataset, layout, micro_batch, accum, device
-
-    @property
-    def global_batch(self) -> int:
-        return self.mbs * self.accum * self.layout.dp
-
-    def micro_batches(self, step: int):
-        base = step * self.global_batch + self.layout.dp_rank * self.mbs * self.accum
-        for m in range(self.accum):
-            idx = range(base + m * self.mbs, base + (m + 1) * self.mbs)
-            samples = [self.ds[i % len(self.ds)] for i in idx]
-            tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long().to(self.device)
-            labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long().to(self.device)
-            mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples]).float().to(self.device)
-            yield tokens, (labels, mask)
-
-
 class MetricsWriter:
     """Every step's record to metrics.jsonl, TensorBoard (logging.tensorboard) and Weights & Biases
     (logging.wandb_project), with the run's config beside them; written by global rank 0 only."""
@@ -171,11 +151,20 @@ class Trainer:
         self.cfg = cfg
         validate(cfg, check_paths=datasets is None, check_env=True)  # before any process group or allocation
         # megatron-core and DeepSpeed: seconds of imports, after a bad config was refused
+        from .data.datasets import build_cache, build_datasets, cache_dir_of, sample_counts, wait_for_cache
         from .parallel import groups
         from .parallel.launch import discover, init_distributed, pick_device
 
         le = discover()
         validate(cfg, check_paths=False, world_size=le.world_size)
+        if tokenizer is None:
+            tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+        if datasets is None:  # megatron's index cache before any process group: its build has no collective timeout
+            dp = le.world_size // (cfg.parallel.tp * cfg.parallel.pp)
+            if le.rank == 0:
+                build_cache(cfg, dp, tokenizer)
+            else:
+                wait_for_cache(cfg, dp)
         self.device = pick_device(cfg.train.device, le.local_rank)
         init_distributed(le, self.device, cfg.parallel.timeout_s)
         tp, pp = cfg.parallel.tp, cfg.parallel.pp
@@ -184,9 +173,6 @@ class Trainer:
         self.layout = Layout(tp, pp, sizes["dp"], groups.ps.get_data_parallel_rank(), le.rank, le.world_size)
         self.is_logger = le.rank == 0
 
-        if tokenizer is None:
-            from .tokenizer import build_tokenizer
-            tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         self.tokenizer = tokenizer
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = pad_vocab(self.tokenizer.vocab_size, cfg.model.pad_vocab_multiple)
@@ -202,14 +188,14 @@ class Trainer:
 
         t = cfg.train
         G, accum = t.global_batch(self.layout.dp), t.accum_steps(self.layout.dp)
-        if datasets is None:
-            from .data.datasets import build_datasets
-            cache = cfg.data.cache_dir or os.path.join(self.run_dir, "data_cache")
+        if datasets is None:  # the cache is built: every rank loads it
             datasets = build_datasets(cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length,
-                                      t.seed, (t.steps * G, max(1, t.eval_iters * G), 0), self.tokenizer, cache)
+                                      t.seed, sample_counts(cfg, self.layout.dp), self.tokenizer, cache_dir_of(cfg))
         train_ds, valid_ds = datasets[0], datasets[1]
-        self.train_batches = Batches(train_ds, self.layout, t.micro_batch_size, accum, self.device)
-        self.valid_batches = Batches(valid_ds, self.layout, t.micro_batch_size, accum, self.device) \
+        lay = self.layout
+        self.train_batches = Batches(train_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device,
+                                     prefetch=cfg.data.prefetch_steps)
+        self.valid_batches = Batches(valid_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device) \
             if valid_ds is not None and len(valid_ds) > 0 else None
         self.tokens_per_step = G * cfg.model.seq_length
         self.flops_per_token = flops_per_token(cfg.model)
@@ -426,7 +412,7 @@ class Trainer:
         last, skipped_before, first_step = {}, 0, self.step
         while self.step < t.steps:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-            start = time.perf_counter()
+            start, waited = time.perf_counter(), self.train_batches.wait_s
             loss, norm = self.train_step()
             elapsed = time.perf_counter() - start
             # Only fp16's dynamic loss scale skips a step by design (overflow: scale lowered, step retried). DeepSpeed's
@@ -438,7 +424,8 @@ class Trainer:
             self.step += 1
             tps = self.tokens_per_step / elapsed
             rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
-                   **self.mfu(tps), "step_time_s": elapsed, "tokens_seen": self.step * self.tokens_per_step}
+                   **self.mfu(tps), "step_time_s": elapsed, "input_wait_s": self.train_batches.wait_s - waited,
+                   "tokens_seen": self.step * self.tokens_per_step}
             if skipped:
                 rec["skipped"] = True
                 bar.write(f"step {self.step}: fp16 overflow, step skipped, loss scale lowered")
@@ -472,6 +459,7 @@ class Trainer:
                     bar.write(f"signal {self._stop_signal}: checkpoint saved at step {self.step}, exiting")
                 break
         self.saver.finish()  # a checkpoint still being written in the background: complete, then `latest`
+        self.train_batches.close()
         bar.close()
         self.metrics.close()
         if self.is_logger and self.step == t.steps:

@@ -147,6 +147,26 @@ def bench_precision():
                                         "train.warmup_steps": 5, "train.eval_iters": 8, "train.log_interval": 50})
 
 
+def bench_input():
+    """Input wait per step of the debug model on the quickstart's data, micro-batches prefetched or not."""
+    from tokenformer_mp.bench.input import measure
+    if not os.path.exists("data/processed/sample_text_document.idx"):
+        return [{"prefetch_steps": "skipped: run tools/quickstart.sh first (it preprocesses the debug data)"}]
+    return measure("configs/debug.yaml", {"train.device": "cpu"})
+
+
+def bench_data_cache():
+    """megatron-core's index build for 10^8 samples of 2,048 tokens (synthetic .idx): seconds and peak memory."""
+    from tokenformer_mp.bench.data_cache import measure
+    return [measure(10**7), measure(10**8)]
+
+
+def bench_init():
+    """tokenformer-1.5b's initialisation per rank at TP=1, 2, 4, 8: seconds and peak host memory (one thread)."""
+    from tokenformer_mp.bench.init import measure
+    return measure()
+
+
 def bench_checkpoint_io():
     from tokenformer_mp.bench.checkpoint_io import run
     return run()
@@ -166,6 +186,10 @@ SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "patte
                                           "speedup", "same_tokens"]),
             "precision": (bench_precision, ["variant", "optimizer", "grad_accum_dtype", "final_loss",
                                             "max_rel_loss_diff", "final_rel_loss_diff", "val_loss", "val_rel_diff"]),
+            "input": (bench_input, ["prefetch_steps", "input_wait_ms", "step_time_ms", "wait_share"]),
+            "data_cache": (bench_data_cache, ["samples", "seq_length", "documents", "tokens", "cache_gb", "seconds",
+                                              "peak_rss_gb"]),
+            "init": (bench_init, ["tp", "seconds", "vs_tp1", "params_gb", "peak_rss_gb"]),
             "checkpoint_io": (bench_checkpoint_io, ["world", "layout", "checkpoint_gb", "written_mb_per_rank",
                                                     "write_vs_ideal", "read_mb_per_rank", "read_vs_ideal",
                                                     "sync_blocked_s", "async_blocked_s", "async_blocked_vs_sync",

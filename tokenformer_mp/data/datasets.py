@@ -15,12 +15,15 @@ process group, build_datasets creates a 1-process gloo group (in-memory store, n
 it afterwards, so a later torch.distributed.init_process_group by the caller still works.
 """
 
+import hashlib
+import json
 import logging
 import math
 import os
 import re
 import shutil
 import socket
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -196,3 +199,49 @@ def build_datasets(
             with staged_cache(os.path.abspath(cache_dir)) as staging:
                 datasets = build(staging)
     return tuple(None if d is None else GPTSamples(d, n) for d, n in zip(datasets, num_samples))
+
+
+# --- the index cache built once, before any process group ------------------------------------------------------
+
+def cache_dir_of(cfg) -> str:
+    return cfg.data.cache_dir or os.path.join(cfg.run_dir, "data_cache")
+
+
+def sample_counts(cfg, dp: int) -> tuple[int, int, int]:
+    """Samples the trainer reads from (train, valid, test) at `dp` data-parallel ranks."""
+    G = cfg.train.global_batch(dp)
+    return cfg.train.steps * G, max(1, cfg.train.eval_iters * G), 0
+
+
+def _ready_marker(cfg, dp: int) -> str:
+    d = cfg.data
+    key = json.dumps([d.prefixes, d.weights, d.split, cfg.model.seq_length, cfg.train.seed, sample_counts(cfg, dp)])
+    return os.path.join(cache_dir_of(cfg), f"ready-{hashlib.md5(key.encode()).hexdigest()}.json")
+
+
+def build_cache(cfg, dp: int, tokenizer: Tokenizer) -> str:
+    """Build (or check) megatron's index cache for a config at `dp` data-parallel ranks, in this process, without
+    a process group, and mark it ready (tools/build_data_cache.py; the trainer's rank 0). Returns the marker."""
+    start = time.perf_counter()
+    build_datasets(cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length, cfg.train.seed,
+                   sample_counts(cfg, dp), tokenizer, cache_dir_of(cfg))
+    marker = _ready_marker(cfg, dp)
+    tmp = f"{marker}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"seconds": time.perf_counter() - start, "samples": sample_counts(cfg, dp)}, f)
+    os.replace(tmp, marker)
+    return marker
+
+
+def wait_for_cache(cfg, dp: int, poll_s: float = 1.0, report_s: float = 60.0) -> float:
+    """Wait, with no time limit, until the index cache for this config is marked ready (rank 0 builds it before
+    the process group exists: a build of hours on the Pile is not a collective that times out). A rank 0 that dies
+    ends the job through the launcher (srun --kill-on-bad-exit, torchrun). Returns the seconds waited."""
+    marker, start, reported = _ready_marker(cfg, dp), time.perf_counter(), 0.0
+    while not os.path.exists(marker):
+        waited = time.perf_counter() - start
+        if waited - reported >= report_s:
+            logger.info("waiting for rank 0 to build the data index cache (%s): %.0f s", cache_dir_of(cfg), waited)
+            reported = waited
+        time.sleep(poll_s)
+    return time.perf_counter() - start

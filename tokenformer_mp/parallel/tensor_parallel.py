@@ -242,11 +242,21 @@ def _shard_rows(p: nn.Parameter, start: int, end: int) -> nn.Parameter:
     return new
 
 
+def shard_rows(module: nn.Module, world: int, rank: int) -> None:
+    """Give every Pattention and Embedding in `module` the parameters TP rank `rank` of `world` holds (rows of the
+    token or vocabulary axis), without communication hooks: what a rank initialises and holds (bench.init)."""
+    for sub in module.modules():
+        if isinstance(sub, Pattention):
+            start, end = shard_range(sub.num_tokens, world, rank)
+            sub.key_tokens = _shard_rows(sub.key_tokens, start, end)
+            sub.value_tokens = _shard_rows(sub.value_tokens, start, end)
+        elif isinstance(sub, Embedding):
+            start, end = shard_range(sub.weight.shape[0], world, rank)
+            sub.weight, sub.vocab_start = _shard_rows(sub.weight, start, end), start
+
+
 def shard_pattention(p: Pattention, style: TokenSharded, group, region) -> None:
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    start, end = shard_range(p.num_tokens, world, rank)
-    p.key_tokens = _shard_rows(p.key_tokens, start, end)
-    p.value_tokens = _shard_rows(p.value_tokens, start, end)
+    shard_rows(p, dist.get_world_size(group), dist.get_rank(group))
     p.enter, p.exit = region(style.input), region(style.output)
     p.reduce_over_tokens = partial(sum_over_shards, group=group)
     p.max_over_tokens = partial(max_over_shards, group=group)
@@ -260,12 +270,9 @@ def shard_block(block: Block, group, region) -> None:
 
 
 def shard_embedding(embed: Embedding, group, region) -> None:
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    vocab = embed.weight.shape[0]
-    assert vocab % world == 0, f"vocabulary {vocab} not divisible by tp={world}"  # validate() reports it first
-    start, end = shard_range(vocab, world, rank)
-    embed.weight = _shard_rows(embed.weight, start, end)
-    embed.vocab_start = start
+    world = dist.get_world_size(group)
+    assert embed.weight.shape[0] % world == 0, "vocabulary not divisible by tp"  # validate() reports it first
+    shard_rows(embed, world, dist.get_rank(group))
     # The head's input is always the whole sequence (under sequence parallelism FinalNorm gathers it): a plain copy.
     embed.enter, embed.exit = partial(copy_to_tensor_model_parallel_region, group=group), region("reduce")
 
