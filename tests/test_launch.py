@@ -207,3 +207,17 @@ def test_gpu_check_without_a_gpu_skips_everything_and_says_so(tmp_path):
     rows = junit_results(str(xml))
     assert len(rows) >= 14 and {r["status"] for r in rows} == {"skipped"}
     assert all("needs a CUDA GPU" in r["detail"] for r in rows)
+
+
+def test_cpu_process_group_compiles_nothing(tmp_path):
+    """deepspeed.init_distributed on a CPU loads DeepSpeed's shared-memory comm op; tools/setup_env.sh builds it into
+    .venv, so no run JIT-compiles it (a run killed mid-compile leaves torch's build lock, and every later run on the
+    machine waits on it forever). Checked with an empty extensions folder: nothing is built into it."""
+    code = ("import torch.distributed as dist, deepspeed\n"
+            "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+            "deepspeed.init_distributed(dist_backend='gloo', auto_mpi_discovery=False)\n")
+    ext = tmp_path / "torch_extensions"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not ext.exists() or not any(ext.iterdir()), f"JIT-compiled {sorted(ext.rglob('*'))}: run tools/setup_env.sh"
