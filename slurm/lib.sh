@@ -6,7 +6,7 @@
 # tf_run CMD...      run the training step, forward signals to it, and requeue the job after a checkpoint-and-stop
 
 tf_log() { echo "[slurm $(date +%H:%M:%S)] $*"; }
-tf_die() { echo "[slurm] error: $*" >&2; exit "${2:-1}"; }
+tf_die() { echo "[slurm] error: $1" >&2; exit "${2:-1}"; }
 
 tf_setup_env() {
   if [ -n "${SETUP:-}" ]; then  # site commands, e.g. SETUP="module load cuda/12.4 nccl"
@@ -89,6 +89,12 @@ tf_run() {
     124) ;;
     2) tf_log "training step failed: exit 2, a config error (see 'error:' above)"; exit 2 ;;
     3) tf_log "training step failed: exit 3, the loss diverged (see 'error:' above)"; exit 3 ;;
+    143|137)
+      # After a forwarded signal the ranks leave with 124 one by one, each once the checkpoint is complete on all;
+      # srun --kill-on-bad-exit takes the first 124 as a failure and terminates the ranks still exiting. Resuming
+      # takes the newest complete checkpoint whatever happened, so this is the signal's stop.
+      if [ -z "$TF_GOT_SIGNAL" ]; then tf_log "training step failed: exit $rc"; exit "$rc"; fi
+      tf_log "training step ended (exit $rc) after the $TF_GOT_SIGNAL: ranks still exiting were terminated by srun" ;;
     *) tf_log "training step failed: exit $rc"; exit "$rc" ;;
   esac
   local restarts=${SLURM_RESTART_COUNT:-0}
