@@ -18,7 +18,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, fn, args, queue):
+# Ranks fork from one server process that imported the trainer's libraries once: megatron-core alone takes 5-7 s to
+# import, which every spawned rank paid again (tests start a few hundred); a forked rank starts in 0.05 s.
+_PRELOAD = ["deepspeed", "megatron.core.parallel_state", "tokenformer_mp.train"]
+
+
+def _worker(rank, world, port, fn, args, queue, env):
+    os.environ.clear()  # the caller's environment, as a spawned process would have it (not the server's)
+    os.environ.update(env)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     try:
@@ -30,10 +37,11 @@ def _worker(rank, world, port, fn, args, queue):
 
 
 def run_ranks(world: int, fn, *args, timeout: float = 300.0) -> list:
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, dict(os.environ))) for r in range(world)]
     for p in procs:
         p.start()
     results, errors = [None] * world, []
