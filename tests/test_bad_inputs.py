@@ -140,7 +140,8 @@ CASES = [
     T("device_unknown", {"train.device": "tpu"}, "train.device: 'tpu': auto, cpu or cuda"),
     *[T(f"{key}_not_a_bool", {key: "maybe"}, f"{key}: expected true/false, got 'maybe'")
       for key in ("train.activation_checkpointing", "train.fused_pattention", "train.recompute_pattention_gelu",
-                  "train.compile", "parallel.sequence_parallel", "parallel.overlap_grad_reduce")],
+                  "train.compile", "parallel.sequence_parallel", "parallel.overlap_grad_reduce",
+                  "data.reset_attention_mask", "data.reset_position_ids", "data.eod_mask_loss")],
     T("fused_pattention_with_softmax", {"train.fused_pattention": True, "model.norm": "softmax"},
       "train.fused_pattention: fused kernels exist for model.norm=l2_norm_gelu only"),
     T("tp_not_dividing_heads", {"parallel.tp": 3}, "parallel.tp: tp=3 does not divide model.num_heads=4"),

@@ -73,6 +73,10 @@ class DataConfig:
     # Steps of micro-batches assembled ahead by a background thread (pinned, copied without blocking on a GPU);
     # 0: assembled on the training thread when needed.
     prefetch_steps: int = 2
+    # Samples are packed from many documents, each ended by an EOD token (Megatron's semantics for all three):
+    reset_attention_mask: bool = False  # a token attends only within its own document
+    reset_position_ids: bool = False  # rotary positions restart at 0 after each EOD
+    eod_mask_loss: bool = False  # no loss where the input is an EOD (the next document's first token is no target)
 
 
 @dataclass

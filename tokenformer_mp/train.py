@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, Saver, canonical_params, has_checkpoints, load_checkpoint, write_atomic
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
-from .data.batches import Batches
+from .data.batches import Batches, Packing, forward_args
 from .flops import MatmulPeak, datasheet_bf16_peak, format_mfu, measure_matmul_flops
 from .model import Pattention, flops_per_token
 from .tokenizer import build_tokenizer
@@ -190,12 +190,16 @@ class Trainer:
         G, accum = t.global_batch(self.layout.dp), t.accum_steps(self.layout.dp)
         if datasets is None:  # the cache is built: every rank loads it
             datasets = build_datasets(cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length,
-                                      t.seed, sample_counts(cfg, self.layout.dp), self.tokenizer, cache_dir_of(cfg))
+                                      t.seed, sample_counts(cfg, self.layout.dp), self.tokenizer, cache_dir_of(cfg),
+                                      cfg.data.reset_position_ids, cfg.data.eod_mask_loss)
         train_ds, valid_ds = datasets[0], datasets[1]
-        lay = self.layout
+        lay, d = self.layout, cfg.data
+        packing = Packing(positions=d.reset_position_ids or d.reset_attention_mask,
+                          eod=self.tokenizer.eod if d.reset_attention_mask else None)
         self.train_batches = Batches(train_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device,
-                                     prefetch=cfg.data.prefetch_steps)
-        self.valid_batches = Batches(valid_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device) \
+                                     prefetch=d.prefetch_steps, packing=packing)
+        self.valid_batches = Batches(valid_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device,
+                                     packing=packing) \
             if valid_ds is not None and len(valid_ds) > 0 else None
         self.tokens_per_step = G * cfg.model.seq_length
         self.flops_per_token = flops_per_token(cfg.model)
@@ -291,8 +295,8 @@ class Trainer:
             loss = self.engine.train_batch(data_iter=iter(batches)).item()
         else:
             total = None  # summed on the device: one host sync per step, not one per micro-batch
-            for tokens, (labels, mask) in batches:
-                out = self.engine(tokens, labels, mask)
+            for inputs, (labels, mask) in batches:
+                out = self.engine(*forward_args(inputs, labels, mask))
                 total = out.detach().double() if total is None else total + out.detach().double()
                 self.engine.backward(out)
                 self.engine.step()
@@ -310,7 +314,8 @@ class Trainer:
             if self.layout.pp > 1:
                 losses.append(self.engine.eval_batch(data_iter=iter(self.valid_batches.micro_batches(i))).item())
             else:
-                ls = [self.engine(tok, lab, m).double() for tok, (lab, m) in self.valid_batches.micro_batches(i)]
+                ls = [self.engine(*forward_args(inputs, lab, m)).double()
+                      for inputs, (lab, m) in self.valid_batches.micro_batches(i)]
                 losses.append(self._dp_mean(torch.stack(ls).sum().item() / len(ls)))
         return sum(losses) / len(losses)
 

@@ -3,6 +3,7 @@ when PP > 1. Either way every module is created on the meta device, sharded, the
 from per-name seeds, so no rank ever holds more than its shard and every layout starts from the same weights."""
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import torch
@@ -11,7 +12,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
-from ..model import Block, Embedding, FinalNorm, TokenFormer, count_params, init_weights, lm_loss
+from ..model import Block, Embedding, FinalNorm, TokenFormer, count_params, init_weights, lm_loss, sequence_mask
 from .tensor_parallel import apply_tensor_parallel, vocab_parallel_lm_loss
 
 
@@ -52,6 +53,9 @@ def apply_compile(model: nn.Module) -> None:
 
 
 # --- pipeline stages: the same modules, constructed by DeepSpeed's LayerSpecs -------------------------------------
+# Between layers (and stages) flows a hidden state [B, T, h], or, with packed documents or context parallelism, a
+# tuple (hidden, position_ids[, doc_ids]) as the batch's inputs carried them (train.Batches): DeepSpeed sends every
+# tensor of a tuple to the next stage and gradients back for the floating-point ones.
 
 class EmbeddingPipe(Embedding):
     def __init__(self, cfg: ModelConfig, seed: int, tp_group, sequence_parallel: bool):
@@ -59,9 +63,36 @@ class EmbeddingPipe(Embedding):
             super().__init__(cfg)
         materialize(self, tp_group, seed, "embed", sequence_parallel)
 
+    def forward(self, inputs):
+        if isinstance(inputs, tuple):  # (tokens, position_ids[, doc_ids])
+            return (super().forward(inputs[0]), *inputs[1:])
+        return super().forward(inputs)
+
     @staticmethod
     def param_count(cfg: ModelConfig, *_) -> int:
         return count_params(cfg)["embedding_params"]
+
+
+class _StageMask:
+    """The attention mask of the micro-batch a stage's blocks last saw: the first block builds it, the others (and
+    activation recomputation) reuse it, as TokenFormer.forward builds one for all its layers. Keyed on the doc_ids
+    tensor itself (the same object through a stage's blocks), so another micro-batch never gets a stale mask."""
+
+    def __init__(self):
+        self.key, self.doc, self.mask = None, None, None
+
+    def __call__(self, mask_for, doc_ids, seq_len: int, dtype: torch.dtype):
+        if torch.compiler.is_compiling():  # inside a compiled block: built in the graph
+            return mask_for(doc_ids, seq_len, dtype)
+        key = (seq_len, dtype, doc_ids is None)
+        doc = None if doc_ids is None else self.doc and self.doc()
+        if key != self.key or doc is not doc_ids:
+            self.mask = mask_for(doc_ids, seq_len, dtype)
+            self.key, self.doc = key, None if doc_ids is None else weakref.ref(doc_ids)
+        return self.mask
+
+
+_stage_mask = _StageMask()  # one process holds one stage
 
 
 class BlockPipe(Block):
@@ -69,6 +100,14 @@ class BlockPipe(Block):
         with torch.device("meta"):
             super().__init__(cfg, layer_idx)
         materialize(self, tp_group, seed, f"layers.{layer_idx}.", sequence_parallel)
+        self.mask_for = sequence_mask  # parallel.context_parallel sets this rank's, as on TokenFormer
+
+    def forward(self, inputs):
+        if not isinstance(inputs, tuple):
+            return super().forward(inputs)
+        x, position_ids, *doc_ids = inputs  # x: [B, T / TP, h] under sequence parallelism; positions [B, T]
+        mask = _stage_mask(self.mask_for, doc_ids[0] if doc_ids else None, position_ids.shape[1], x.dtype)
+        return (super().forward(x, None, position_ids, mask), position_ids, *doc_ids)
 
     @staticmethod
     def param_count(cfg: ModelConfig, *_) -> int:
@@ -79,6 +118,9 @@ class FinalNormPipe(FinalNorm):
     def __init__(self, cfg: ModelConfig, tp_group, sequence_parallel: bool):
         super().__init__(cfg.hidden_size, eps=cfg.layernorm_eps)
         apply_tensor_parallel(self, tp_group, sequence_parallel)
+
+    def forward(self, inputs):
+        return super().forward(inputs[0] if isinstance(inputs, tuple) else inputs)
 
     @staticmethod
     def param_count(cfg: ModelConfig, *_) -> int:

@@ -1,0 +1,121 @@
+"""Long context: packed documents kept apart (data.reset_*), and context parallelism (parallel.cp)."""
+import pytest
+import torch
+
+from tests.conftest import assert_close_to_scale, debug_overrides
+from tests.runs import train
+from tests.test_training import _assert_same
+from tokenformer_mp.config import ModelConfig
+from tokenformer_mp.model import TokenFormer, cross_entropy, document_ids
+from tokenformer_mp.parallel.local import run_ranks
+
+EOD = 0
+
+
+def _cfg(**kw):
+    base = dict(num_layers=2, hidden_size=64, num_heads=4, qkv_tokens=32, proj_tokens=32, ffn_tokens=128,
+                seq_length=32, vocab_size=256)
+    return ModelConfig(**{**base, **kw})
+
+
+def _packed(lengths: list[list[int]], seed: int = 0):
+    """A batch of samples packed from documents of the given lengths, each ended by EOD: (tokens [B, T], the
+    documents per sample, position ids restarting at each document)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, docs, positions = [], [], []
+    for row in lengths:
+        ds = [torch.cat([torch.randint(1, 256, (n - 1,), generator=g), torch.tensor([EOD])]) for n in row]
+        tokens.append(torch.cat(ds))
+        docs.append(ds)
+        positions.append(torch.cat([torch.arange(n) for n in row]))
+    return torch.stack(tokens), docs, torch.stack(positions)
+
+
+def test_packed_documents_equal_each_document_run_alone():
+    """data.reset_attention_mask + reset_position_ids: each document of a packed sample gets the logits (hence the
+    per-document losses) it gets alone, within 1e-5 of their scale; documents of different lengths in each sample
+    of a batch of two. Without the mask the later documents differ; without the positions reset they do not, since
+    rotary angles between two tokens depend only on their distance (the positions matter to unmasked attention)."""
+    torch.manual_seed(0)
+    model = TokenFormer(_cfg())
+    model.init_weights(3)
+    tokens, docs, positions = _packed([[9, 14, 9], [5, 20, 7]])
+    doc_ids = document_ids(tokens, EOD)
+    assert doc_ids[0].tolist() == [0] * 9 + [1] * 14 + [2] * 9
+    with torch.no_grad():
+        packed = model(tokens, position_ids=positions, doc_ids=doc_ids)
+        unmasked = model(tokens, position_ids=positions)
+        unreset = model(tokens, doc_ids=doc_ids)
+        neither = model(tokens)
+    for b, sample in enumerate(docs):
+        start = 0
+        for i, doc in enumerate(sample):
+            end = start + len(doc)
+            with torch.no_grad():
+                alone = model(doc[None])[0]
+            assert_close_to_scale(packed[b, start:end], alone, 1e-5, f"sample {b} document {i}")
+            loss_packed = cross_entropy(packed[b, start:end - 1], doc[1:]).mean()
+            loss_alone = cross_entropy(alone[:-1], doc[1:]).mean()
+            assert abs(loss_packed - loss_alone) <= 1e-5 * loss_alone
+            assert_close_to_scale(unreset[b, start:end], alone, 1e-5, f"sample {b} document {i}, not reset")
+            if i > 0:  # a document that is not the sample's first sees the ones before it without the mask
+                assert (unmasked[b, start:end] - alone).abs().max() > 1e-3
+                assert (neither[b, start:end] - unmasked[b, start:end]).abs().max() > 1e-3
+            start = end
+
+
+def test_eod_loss_mask_and_reset_positions_follow_megatron(minipile, tmp_path):
+    """The data flags as megatron-core's GPTDataset applies them to real packed samples: eod_mask_loss masks exactly
+    the positions whose input is EOD, reset_position_ids restarts at 0 after each EOD; off, neither. The trainer's
+    collate carries them with document ids that change exactly where the positions restart."""
+    from tokenformer_mp.data.datasets import build_datasets
+    from tokenformer_mp.tokenizer import build_tokenizer
+    from tokenformer_mp.train import Packing, collate
+
+    tok = build_tokenizer("SentencePieceTokenizer", minipile["tokenizer"])
+    args = ([minipile["prefix"]], None, "98,2,0", 64, 1234, (256, 1, 0), tok)
+    plain = build_datasets(*args, str(tmp_path / "a"))[0]
+    flagged = build_datasets(*args, str(tmp_path / "b"), reset_position_ids=True, eod_mask_loss=True)[0]
+    samples = [flagged[i] for i in range(256)]
+    eods = 0
+    for i, s in enumerate(samples):
+        tokens = torch.as_tensor(s["tokens"])
+        assert torch.equal(tokens, torch.as_tensor(plain[i]["tokens"]))  # the same packing
+        is_eod = tokens == tok.eod
+        eods += int(is_eod.sum())
+        assert torch.equal(torch.as_tensor(s["loss_mask"]) == 0, is_eod)
+        assert torch.equal(torch.as_tensor(plain[i]["loss_mask"]), torch.ones(64))
+        starts = torch.cat([torch.tensor([True]), is_eod[:-1]])  # a document starts after each EOD
+        expect = torch.arange(64) - torch.cummax(torch.where(starts, torch.arange(64), 0), 0).values
+        assert torch.equal(torch.as_tensor(s["position_ids"]), expect)
+        assert torch.equal(torch.as_tensor(plain[i]["position_ids"]), torch.arange(64))
+    assert eods >= 10  # documents of some 600 tokens: several end inside these samples
+    (tokens, positions, doc_ids), (labels, mask) = collate(samples, Packing(positions=True, eod=tok.eod), "cpu")
+    assert torch.equal(positions[:, 1:] == 0, doc_ids[:, 1:] != doc_ids[:, :-1])
+    assert torch.equal(mask == 0, tokens == tok.eod)
+
+
+# --- the trainer: documents kept apart at every layout ---------------------------------------------------------
+
+DOCUMENTS = {"data.reset_attention_mask": True, "data.reset_position_ids": True, "data.eod_mask_loss": True,
+             "model.seq_length": 256}  # minipile's documents (some 600 tokens) end inside these samples
+
+
+@pytest.fixture(scope="module")
+def documents_baseline(minipile, tmp_path_factory):
+    return run_ranks(1, train, debug_overrides(minipile, tmp_path_factory.mktemp("docs"), **{
+        "train.steps": 3, **DOCUMENTS}))[0]
+
+
+DOCUMENT_LAYOUTS = {  # name: (world size, overrides), the baseline's global batch
+    "tp2": (2, {"parallel.tp": 2}),
+    # positions and documents carried between pipeline stages, the mask built per stage, sequence-parallel blocks
+    "tp2_pp2_sequence_parallel": (4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(DOCUMENT_LAYOUTS))
+def test_documents_at_a_layout_equal_one_process(name, minipile, documents_baseline, tmp_path):
+    world, extra = DOCUMENT_LAYOUTS[name]
+    hist = run_ranks(world, train, debug_overrides(minipile, tmp_path, **{"train.steps": 3, **DOCUMENTS, **extra}))[0]
+    _assert_same(hist, documents_baseline)
