@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import REPO, debug_overrides
 from tests.runs import train
+from tests.test_long_context import DOCUMENTS
 from tests.test_training import _args
 from tokenformer_mp.model import Pattention
 from tokenformer_mp.parallel.local import _free_port, run_ranks
@@ -66,10 +67,6 @@ GPU_LAYOUTS = {  # name: (GPUs, overrides), each over NCCL, one GPU per rank, th
     "one_gpu": (1, {}),
     "one_gpu_fused_pattention": (1, {"train.fused_pattention": True}),
     "one_gpu_compile": (1, {"train.compile": True}),
-    # packed documents kept apart: SDPA with an additive mask (the memory-efficient kernel); minipile's documents
-    # end inside a sample rarely at 64 tokens, so the run tracks the unmasked CPU reference within bf16's tolerance
-    "one_gpu_documents": (1, {"data.reset_attention_mask": True, "data.reset_position_ids": True,
-                              "data.eod_mask_loss": True}),
     "tp2": (2, {"parallel.tp": 2}),
     "pp2": (2, {"parallel.pp": 2}),
     "dp2": (2, {"train.grad_accum_steps": 1}),
@@ -87,6 +84,15 @@ def test_layout_on_gpus_tracks_fp32_on_cpu(name, minipile, cpu_reference, tmp_pa
     hist = run_ranks(world, train, debug_overrides(minipile, tmp_path, **{"train.steps": 3, "train.device": "cuda",
                                                                          **extra}))[0]
     _tracks(hist, cpu_reference)
+
+
+def test_documents_on_a_gpu_track_fp32_on_cpu(minipile, tmp_path):
+    """Packed documents kept apart (all three data flags) on the GPU: SDPA with an additive mask (its
+    memory-efficient kernel) in bf16 against the same flags in fp32 on the CPU."""
+    cpu = run_ranks(1, train, debug_overrides(minipile, tmp_path / "cpu", **{"train.steps": 3, **DOCUMENTS}))[0]
+    gpu = run_ranks(1, train, debug_overrides(minipile, tmp_path / "gpu", **{"train.steps": 3, "train.device": "cuda",
+                                                                            **DOCUMENTS}))[0]
+    _tracks(gpu, cpu)
 
 
 def test_layout_free_load_then_a_fused_adam_step_on_the_gpu(minipile, cpu_reference, tmp_path):

@@ -1,13 +1,17 @@
-"""Long context: packed documents kept apart (data.reset_*), and context parallelism (parallel.cp)."""
+"""Long context: packed documents kept apart (data.reset_attention_mask, reset_position_ids, eod_mask_loss)."""
 import pytest
 import torch
 
 from tests.conftest import assert_close_to_scale, debug_overrides
 from tests.runs import train
 from tests.test_training import _assert_same
-from tokenformer_mp.config import ModelConfig
+from tokenformer_mp.config import ModelConfig, load_config, pad_vocab
+from tokenformer_mp.data.batches import Packing, collate
+from tokenformer_mp.data.datasets import build_datasets, cache_dir_of, sample_counts
 from tokenformer_mp.model import TokenFormer, cross_entropy, document_ids
+from tokenformer_mp.parallel.build import build_model
 from tokenformer_mp.parallel.local import run_ranks
+from tokenformer_mp.tokenizer import build_tokenizer
 
 EOD = 0
 
@@ -68,10 +72,6 @@ def test_eod_loss_mask_and_reset_positions_follow_megatron(minipile, tmp_path):
     """The data flags as megatron-core's GPTDataset applies them to real packed samples: eod_mask_loss masks exactly
     the positions whose input is EOD, reset_position_ids restarts at 0 after each EOD; off, neither. The trainer's
     collate carries them with document ids that change exactly where the positions restart."""
-    from tokenformer_mp.data.datasets import build_datasets
-    from tokenformer_mp.tokenizer import build_tokenizer
-    from tokenformer_mp.train import Packing, collate
-
     tok = build_tokenizer("SentencePieceTokenizer", minipile["tokenizer"])
     args = ([minipile["prefix"]], None, "98,2,0", 64, 1234, (256, 1, 0), tok)
     plain = build_datasets(*args, str(tmp_path / "a"))[0]
@@ -90,7 +90,7 @@ def test_eod_loss_mask_and_reset_positions_follow_megatron(minipile, tmp_path):
         assert torch.equal(torch.as_tensor(s["position_ids"]), expect)
         assert torch.equal(torch.as_tensor(plain[i]["position_ids"]), torch.arange(64))
     assert eods >= 10  # documents of some 600 tokens: several end inside these samples
-    (tokens, positions, doc_ids), (labels, mask) = collate(samples, Packing(positions=True, eod=tok.eod), "cpu")
+    (tokens, positions, doc_ids), labels, mask = collate(samples, Packing(positions=True, eod=tok.eod))
     assert torch.equal(positions[:, 1:] == 0, doc_ids[:, 1:] != doc_ids[:, :-1])
     assert torch.equal(mask == 0, tokens == tok.eod)
 
@@ -102,9 +102,41 @@ DOCUMENTS = {"data.reset_attention_mask": True, "data.reset_position_ids": True,
 
 
 @pytest.fixture(scope="module")
-def documents_baseline(minipile, tmp_path_factory):
-    return run_ranks(1, train, debug_overrides(minipile, tmp_path_factory.mktemp("docs"), **{
-        "train.steps": 3, **DOCUMENTS}))[0]
+def documents_run(minipile, tmp_path_factory):
+    overrides = debug_overrides(minipile, tmp_path_factory.mktemp("docs"), **{"train.steps": 3, **DOCUMENTS})
+    return overrides, run_ranks(1, train, overrides)[0]
+
+
+@pytest.fixture(scope="module")
+def documents_baseline(documents_run):
+    return documents_run[1]
+
+
+def test_trainer_loss_is_the_packed_loss(documents_run):
+    """The trainer's first loss (before any update) equals the loss computed here from the raw samples, each
+    micro-batch's tokens with megatron's reset positions, document ids from its EODs and a loss mask 0 at EOD inputs:
+    the config's flags reach the dataset, the input thread and the model."""
+
+    overrides, hist = documents_run
+    cfg = load_config("configs/debug.yaml", overrides)
+    tok = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    cfg.model.vocab_size = pad_vocab(tok.vocab_size, cfg.model.pad_vocab_multiple)
+    t, d = cfg.train, cfg.data
+    ds = build_datasets(d.prefixes, d.weights, d.split, cfg.model.seq_length, t.seed, sample_counts(cfg, 1), tok,
+                        cache_dir_of(cfg), reset_position_ids=True, eod_mask_loss=True)[0]
+    model = build_model(cfg.model, t.seed)
+    losses, eods = [], 0
+    for m in range(2):  # the first step: two micro-batches of two samples
+        samples = [ds[i] for i in (2 * m, 2 * m + 1)]
+        tokens, labels, positions = (torch.stack([torch.as_tensor(s[k]) for s in samples]).long()
+                                     for k in ("tokens", "labels", "position_ids"))
+        eods += int((tokens == tok.eod).sum())
+        with torch.no_grad():
+            losses.append(model(tokens, labels, (tokens != tok.eod).float(), position_ids=positions,
+                                doc_ids=document_ids(tokens, tok.eod)).item())
+    assert eods >= 1
+    expected = sum(losses) / 2
+    assert abs(hist[0]["loss"] - expected) <= 1e-5 * expected, (hist[0]["loss"], expected)
 
 
 DOCUMENT_LAYOUTS = {  # name: (world size, overrides), the baseline's global batch

@@ -220,7 +220,7 @@ def rotary_tables(seq_len: int, dim: int, base: float, device, dtype):
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     """GPT-NeoX partial rotary: channels [0, h) and [h, 2h) of each head turn by the position angle (sign -1: back),
-    the rest pass. x: [B, H, T, hd], cos/sin: [T, h]."""
+    the rest pass. x: [B, H, T, hd], cos/sin: [T, h], or [B, 1, T, h] for positions per sample."""
     h = cos.shape[-1]
     x1, x2 = x[..., :h], x[..., h:2 * h]
     if torch.compiler.is_compiling():  # out= into slices would end the graph; Inductor makes this one kernel anyway
@@ -278,7 +278,7 @@ def attention_mask(q_index: torch.Tensor, k_index: torch.Tensor, q_doc: torch.Te
 
 
 def sequence_mask(doc_ids: torch.Tensor | None, seq_len: int, dtype: torch.dtype):
-    """The attention mask of a micro-batch whose every token is here (no context parallelism): None without
+    """The attention mask of a micro-batch's whole sequence: None without
     documents (SDPA's own causal kernels, no mask tensor), else causal within each document."""
     if doc_ids is None:
         return None
@@ -289,9 +289,7 @@ def sequence_mask(doc_ids: torch.Tensor | None, seq_len: int, dtype: torch.dtype
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Causal attention of [B, heads, T, hd] queries, keys and values; `mask` from sequence_mask. SDPA picks the
     kernel: flash (GPU) or its CPU flash kernel when causal without a mask; with a mask (documents), the
-    memory-efficient kernel on a GPU, which takes an additive mask, and the same CPU kernel. torch's variable-length
-    flash kernel (torch.nn.attention.varlen) would skip the masked blocks of packed documents, but takes no mask
-    across context-parallel chunks: one kernel path serves every layout."""
+    memory-efficient kernel on a GPU, which takes an additive mask, and the same CPU kernel."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
@@ -308,7 +306,6 @@ class Attention(nn.Module):
         self.value = make_pattention(cfg, "qkv", h, h)
         self.proj = make_pattention(cfg, "proj", h, h)
         self.enter = _identity  # one input region for Q, K and V together (see parallel.tensor_parallel)
-        self.attend = attend  # parallel.context_parallel: every rank's keys and values, gathered
         self._tables = None  # rotary cos/sin of positions 0.. (grown as needed), for the last device and dtype
 
     def _rotary_tables(self, start: int, T: int, x: torch.Tensor):
@@ -341,7 +338,7 @@ class Attention(nn.Module):
             tables = self._rotary_tables(start, T, q) if position_ids is None else self._rotary_at(position_ids, q)
             q, k = _Rotary.apply(q, k, *tables)
         if cache is None:
-            y = self.attend(q, k, v, mask)
+            y = attend(q, k, v, mask)
         else:
             k, v = cache.extend(layer, k, v)  # [B, heads, start + T, hd]
             if start and T > 1:  # new tokens see every cached one, and each other causally
@@ -474,7 +471,6 @@ class TokenFormer(nn.Module):
         self.final_norm = FinalNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.activation_checkpointing = False
         self.loss_fn = lm_loss  # parallel.tensor_parallel swaps in the vocab-parallel cross entropy
-        self.mask_for = sequence_mask  # parallel.context_parallel: this rank's chunks of the sequence against all
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
@@ -483,7 +479,7 @@ class TokenFormer(nn.Module):
         the cached ones: positions from cache.length on. Packed documents: position_ids [B, T] (each token's rotary
         position; None: 0.. in order) and doc_ids [B, T] (document_ids; None: every token sees all before it)."""
         x = self.embed(tokens)  # [B, T, h]
-        mask = self.mask_for(doc_ids, tokens.shape[1], x.dtype) if cache is None else None
+        mask = sequence_mask(doc_ids, tokens.shape[1], x.dtype) if cache is None else None
         for block in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, None, position_ids, mask, use_reentrant=False)

@@ -53,9 +53,9 @@ def apply_compile(model: nn.Module) -> None:
 
 
 # --- pipeline stages: the same modules, constructed by DeepSpeed's LayerSpecs -------------------------------------
-# Between layers (and stages) flows a hidden state [B, T, h], or, with packed documents or context parallelism, a
-# tuple (hidden, position_ids[, doc_ids]) as the batch's inputs carried them (train.Batches): DeepSpeed sends every
-# tensor of a tuple to the next stage and gradients back for the floating-point ones.
+# Between layers (and stages) flows a hidden state [B, T, h], or, with packed documents, a tuple (hidden,
+# position_ids[, doc_ids]) as the batch's inputs carried them (data.batches.collate): DeepSpeed sends every tensor of a
+# tuple to the next stage and gradients back for the floating-point ones.
 
 class EmbeddingPipe(Embedding):
     def __init__(self, cfg: ModelConfig, seed: int, tp_group, sequence_parallel: bool):
@@ -81,13 +81,13 @@ class _StageMask:
     def __init__(self):
         self.key, self.doc, self.mask = None, None, None
 
-    def __call__(self, mask_for, doc_ids, seq_len: int, dtype: torch.dtype):
+    def __call__(self, doc_ids, seq_len: int, dtype: torch.dtype):
         if torch.compiler.is_compiling():  # inside a compiled block: built in the graph
-            return mask_for(doc_ids, seq_len, dtype)
+            return sequence_mask(doc_ids, seq_len, dtype)
         key = (seq_len, dtype, doc_ids is None)
         doc = None if doc_ids is None else self.doc and self.doc()
         if key != self.key or doc is not doc_ids:
-            self.mask = mask_for(doc_ids, seq_len, dtype)
+            self.mask = sequence_mask(doc_ids, seq_len, dtype)
             self.key, self.doc = key, None if doc_ids is None else weakref.ref(doc_ids)
         return self.mask
 
@@ -100,13 +100,12 @@ class BlockPipe(Block):
         with torch.device("meta"):
             super().__init__(cfg, layer_idx)
         materialize(self, tp_group, seed, f"layers.{layer_idx}.", sequence_parallel)
-        self.mask_for = sequence_mask  # parallel.context_parallel sets this rank's, as on TokenFormer
 
     def forward(self, inputs):
         if not isinstance(inputs, tuple):
             return super().forward(inputs)
         x, position_ids, *doc_ids = inputs  # x: [B, T / TP, h] under sequence parallelism; positions [B, T]
-        mask = _stage_mask(self.mask_for, doc_ids[0] if doc_ids else None, position_ids.shape[1], x.dtype)
+        mask = _stage_mask(doc_ids[0] if doc_ids else None, position_ids.shape[1], x.dtype)
         return (super().forward(x, None, position_ids, mask), position_ids, *doc_ids)
 
     @staticmethod
