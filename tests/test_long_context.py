@@ -141,7 +141,9 @@ def test_trainer_loss_is_the_packed_loss(documents_run):
 
 DOCUMENT_LAYOUTS = {  # name: (world size, overrides), the baseline's global batch
     "tp2": (2, {"parallel.tp": 2}),
-    # positions and documents carried between pipeline stages, the mask built per stage, sequence-parallel blocks
+    # positions and documents carried between pipeline stages (DeepSpeed partitioning the activations over TP, and
+    # under sequence parallelism not), the mask built once per stage
+    "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
     "tp2_pp2_sequence_parallel": (4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}),
 }
 

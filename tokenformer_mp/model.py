@@ -289,7 +289,7 @@ def sequence_mask(doc_ids: torch.Tensor | None, seq_len: int, dtype: torch.dtype
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
     """Causal attention of [B, heads, T, hd] queries, keys and values; `mask` from sequence_mask. SDPA picks the
     kernel: flash (GPU) or its CPU flash kernel when causal without a mask; with a mask (documents), the
-    memory-efficient kernel on a GPU, which takes an additive mask, and the same CPU kernel."""
+    memory-efficient kernel on a GPU, which takes an additive mask; on a CPU its CPU kernel with the mask."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
 
 
