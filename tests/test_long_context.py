@@ -1,6 +1,7 @@
 """Long context: packed documents kept apart (data.reset_attention_mask, reset_position_ids, eod_mask_loss)."""
 import pytest
 import torch
+from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 
 from tests.conftest import assert_close_to_scale, debug_overrides
 from tests.runs import train
@@ -8,7 +9,7 @@ from tests.test_training import _assert_same
 from tokenformer_mp.config import ModelConfig, load_config, pad_vocab
 from tokenformer_mp.data.batches import Packing, collate
 from tokenformer_mp.data.datasets import build_datasets, cache_dir_of, sample_counts
-from tokenformer_mp.model import TokenFormer, cross_entropy, document_ids
+from tokenformer_mp.model import TokenFormer, cross_entropy, document_ids, sequence_mask
 from tokenformer_mp.parallel.build import build_model
 from tokenformer_mp.parallel.local import run_ranks
 from tokenformer_mp.tokenizer import build_tokenizer
@@ -71,7 +72,8 @@ def test_packed_documents_equal_each_document_run_alone():
 def test_eod_loss_mask_and_reset_positions_follow_megatron(minipile, tmp_path):
     """The data flags as megatron-core's GPTDataset applies them to real packed samples: eod_mask_loss masks exactly
     the positions whose input is EOD, reset_position_ids restarts at 0 after each EOD; off, neither. The trainer's
-    collate carries them with document ids that change exactly where the positions restart."""
+    collate carries them with document ids that change exactly where the positions restart, and the attention mask
+    built from those is megatron's reset_attention_mask, element for element."""
     tok = build_tokenizer("SentencePieceTokenizer", minipile["tokenizer"])
     args = ([minipile["prefix"]], None, "98,2,0", 64, 1234, (256, 1, 0), tok)
     plain = build_datasets(*args, str(tmp_path / "a"))[0]
@@ -93,6 +95,11 @@ def test_eod_loss_mask_and_reset_positions_follow_megatron(minipile, tmp_path):
     (tokens, positions, doc_ids), labels, mask = collate(samples, Packing(positions=True, eod=tok.eod))
     assert torch.equal(positions[:, 1:] == 0, doc_ids[:, 1:] != doc_ids[:, :-1])
     assert torch.equal(mask == 0, tokens == tok.eod)
+    # the attention mask is megatron's reset_attention_mask (its [1, T, T] mask, True where a key is hidden)
+    hidden = sequence_mask(doc_ids, 64, torch.float32)[:, 0] == float("-inf")
+    for b in range(len(samples)):
+        megatron = _get_ltor_masks_and_position_ids(tokens[b], tok.eod, False, True, False, True)[0][0]
+        assert torch.equal(hidden[b], megatron)
 
 
 # --- the trainer: documents kept apart at every layout ---------------------------------------------------------
