@@ -73,6 +73,8 @@ GPU_LAYOUTS = {  # name: (GPUs, overrides), each over NCCL, one GPU per rank, th
     "tp2_sequence_parallel": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
     "tp2_compile": (2, {"parallel.tp": 2, "train.compile": True}),
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
+    "cp2": (2, {"parallel.cp": 2}),  # K and V all-gathered over NCCL, SDPA with the chunks' mask
+    "cp2_tp2": (4, {"parallel.cp": 2, "parallel.tp": 2}),
 }
 
 

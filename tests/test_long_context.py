@@ -1,16 +1,19 @@
-"""Long context: packed documents kept apart (data.reset_attention_mask, reset_position_ids, eod_mask_loss)."""
+"""Long context: packed documents kept apart (data.reset_attention_mask, reset_position_ids, eod_mask_loss), and
+context parallelism (parallel.cp)."""
 import pytest
 import torch
+import torch.distributed as dist
 from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 
 from tests.conftest import assert_close_to_scale, debug_overrides
 from tests.runs import train
-from tests.test_training import _assert_same
+from tests.test_training import _assert_same, baseline  # noqa: F401 (baseline: the one-process run, a fixture)
 from tokenformer_mp.config import ModelConfig, load_config, pad_vocab
 from tokenformer_mp.data.batches import Packing, collate
 from tokenformer_mp.data.datasets import build_datasets, cache_dir_of, sample_counts
-from tokenformer_mp.model import TokenFormer, cross_entropy, document_ids, sequence_mask
+from tokenformer_mp.model import TokenFormer, attend, cross_entropy, document_ids, sequence_mask
 from tokenformer_mp.parallel.build import build_model
+from tokenformer_mp.parallel.context_parallel import ChunkMask, attend_gathered, chunk_index, gathered_index
 from tokenformer_mp.parallel.local import run_ranks
 from tokenformer_mp.tokenizer import build_tokenizer
 
@@ -164,3 +167,81 @@ def test_documents_at_a_layout_equal_one_process(name, minipile, documents_basel
     world, extra = DOCUMENT_LAYOUTS[name]
     hist = run_ranks(world, train, debug_overrides(minipile, tmp_path, **{"train.steps": 3, **DOCUMENTS, **extra}))[0]
     _assert_same(hist, documents_baseline)
+
+
+# --- context parallelism: the sequence split over parallel.cp ranks ---------------------------------------------
+
+def test_chunks_are_load_balanced():
+    """2 CP chunks per rank, r and 2CP-1-r, together the whole sequence; every rank has as many (query, visible key)
+    pairs under the causal mask as any other."""
+    assert chunk_index(8, 2, 0).tolist() == [0, 1, 6, 7] and chunk_index(8, 2, 1).tolist() == [2, 3, 4, 5]
+    for cp in (2, 4):
+        parts = [chunk_index(64, cp, r) for r in range(cp)]
+        assert sorted(torch.cat(parts).tolist()) == list(range(64))
+        assert torch.equal(gathered_index(64, cp), torch.cat(parts))
+        assert len({int((p + 1).sum()) for p in parts}) == 1  # query at position i sees i + 1 keys
+
+
+def _gathered_attention_on_ranks(cp: int, documents: bool):
+    """This rank's output and input gradients of attend_gathered over its chunks, and full attention's."""
+    dist.init_process_group("gloo")
+    rank, T = dist.get_rank(), 32
+    g = torch.Generator().manual_seed(0)
+    q, k, v, grad_out = (torch.randn(2, 3, T, 8, generator=g) for _ in range(4))
+    doc_ids = (torch.rand(2, T, generator=g) < 0.15).long().cumsum(-1) if documents else None
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    y = attend(*full, sequence_mask(doc_ids, T, torch.float32))
+    (y * grad_out).sum().backward()
+    idx = chunk_index(T, cp, rank)
+    mine = [t[:, :, idx].clone().requires_grad_() for t in (q, k, v)]
+    mask = ChunkMask(cp, rank)(doc_ids, T // cp, torch.float32, "cpu")
+    y_mine = attend_gathered(*mine, mask, dist.group.WORLD)
+    (y_mine * grad_out[:, :, idx]).sum().backward()
+    dist.destroy_process_group()
+    return idx, y_mine.detach(), [t.grad for t in mine], y.detach(), [t.grad for t in full]
+
+
+@pytest.mark.parametrize("cp,documents", [(2, False), (4, False), (2, True)])
+def test_gathered_attention_equals_full_attention(cp, documents):
+    """attend_gathered (K and V all-gathered over the CP group, their gradients reduce-scattered back) on each rank's
+    chunks: the output and the q, k, v gradients of full causal attention (within documents: random boundaries),
+    within 1e-5 of their scale."""
+    for idx, y_mine, grads_mine, y, grads in run_ranks(cp, _gathered_attention_on_ranks, cp, documents):
+        assert_close_to_scale(y_mine, y[:, :, idx], 1e-5, "output")
+        for name, mine, full in zip("qkv", grads_mine, grads):
+            assert_close_to_scale(mine, full[:, :, idx], 1e-5, f"d{name}")
+
+
+CP_LAYOUTS = {  # name: (world size, overrides), the baseline's global batch (tests/test_training.py)
+    "cp2": (2, {"parallel.cp": 2}),
+    "cp4": (4, {"parallel.cp": 4}),
+    "cp2_tp2": (4, {"parallel.cp": 2, "parallel.tp": 2}),
+    "cp2_pp2": (4, {"parallel.cp": 2, "parallel.pp": 2}),
+    "cp2_dp2": (4, {"parallel.cp": 2, "train.grad_accum_steps": 1}),
+}
+
+
+@pytest.mark.parametrize("name", list(CP_LAYOUTS))
+def test_context_parallel_layout_equals_one_process(name, minipile, baseline, tmp_path):
+    world, extra = CP_LAYOUTS[name]
+    hist = run_ranks(world, train, debug_overrides(minipile, tmp_path, **{"train.steps": 3, **extra}))[0]
+    _assert_same(hist, baseline)
+
+
+def test_context_parallel_with_documents_equals_one_process(minipile, documents_baseline, tmp_path):
+    """CP=2 with all three document flags: the mask follows the chunks, the loss is token-weighted (the EOD
+    positions eod_mask_loss masks fall unevenly on the two ranks)."""
+    hist = run_ranks(2, train, debug_overrides(minipile, tmp_path, **{"train.steps": 3, **DOCUMENTS,
+                                                                      "parallel.cp": 2}))[0]
+    _assert_same(hist, documents_baseline)
+
+
+def test_checkpoint_at_cp2_resumes_at_cp1(minipile, baseline, tmp_path):
+    """Checkpoints do not depend on CP: 2 steps at CP=2, the third at CP=1 from its checkpoint, equal to the
+    unbroken one-process run."""
+    kw = {"train.steps": 3}
+    first = run_ranks(2, train, debug_overrides(minipile, tmp_path, **kw, **{"parallel.cp": 2,
+                                                                             "train.exit_after_steps": 2}))[0]
+    rest = run_ranks(1, train, debug_overrides(minipile, tmp_path, **kw))[0]
+    assert [h["step"] for h in first + rest] == [1, 2, 3]
+    _assert_same(first + rest, baseline)

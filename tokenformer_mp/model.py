@@ -277,9 +277,10 @@ def attention_mask(q_index: torch.Tensor, k_index: torch.Tensor, q_doc: torch.Te
     return mask.unsqueeze(1)
 
 
-def sequence_mask(doc_ids: torch.Tensor | None, seq_len: int, dtype: torch.dtype):
-    """The attention mask of a micro-batch's whole sequence: None without
-    documents (SDPA's own causal kernels, no mask tensor), else causal within each document."""
+def sequence_mask(doc_ids: torch.Tensor | None, seq_len: int, dtype: torch.dtype, device=None):
+    """The attention mask of a micro-batch whose every token is here (no context parallelism): None without
+    documents (SDPA's own causal kernels, no mask tensor), else causal within each document. `device`: as
+    parallel.context_parallel.ChunkMask takes it (that mask exists without documents too)."""
     if doc_ids is None:
         return None
     index = torch.arange(seq_len, device=doc_ids.device)
@@ -306,6 +307,7 @@ class Attention(nn.Module):
         self.value = make_pattention(cfg, "qkv", h, h)
         self.proj = make_pattention(cfg, "proj", h, h)
         self.enter = _identity  # one input region for Q, K and V together (see parallel.tensor_parallel)
+        self.attend = attend  # parallel.context_parallel: against the keys and values of the whole sequence
         self._tables = None  # rotary cos/sin of positions 0.. (grown as needed), for the last device and dtype
 
     def _rotary_tables(self, start: int, T: int, x: torch.Tensor):
@@ -338,7 +340,7 @@ class Attention(nn.Module):
             tables = self._rotary_tables(start, T, q) if position_ids is None else self._rotary_at(position_ids, q)
             q, k = _Rotary.apply(q, k, *tables)
         if cache is None:
-            y = attend(q, k, v, mask)
+            y = self.attend(q, k, v, mask)
         else:
             k, v = cache.extend(layer, k, v)  # [B, heads, start + T, hd]
             if start and T > 1:  # new tokens see every cached one, and each other causally
@@ -471,6 +473,7 @@ class TokenFormer(nn.Module):
         self.final_norm = FinalNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.activation_checkpointing = False
         self.loss_fn = lm_loss  # parallel.tensor_parallel swaps in the vocab-parallel cross entropy
+        self.mask_for = sequence_mask  # parallel.context_parallel: this rank's chunks of the sequence against all
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
@@ -479,7 +482,7 @@ class TokenFormer(nn.Module):
         the cached ones: positions from cache.length on. Packed documents: position_ids [B, T] (each token's rotary
         position; None: 0.. in order) and doc_ids [B, T] (document_ids; None: every token sees all before it)."""
         x = self.embed(tokens)  # [B, T, h]
-        mask = sequence_mask(doc_ids, tokens.shape[1], x.dtype) if cache is None else None
+        mask = self.mask_for(doc_ids, tokens.shape[1], x.dtype, x.device) if cache is None else None
         for block in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, None, position_ids, mask, use_reentrant=False)

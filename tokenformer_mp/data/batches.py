@@ -9,8 +9,10 @@ memory when the device is a GPU) while the current step trains, as Megatron's Da
 copied to the device without blocking the host. `wait_s` accumulates the time the training loop spent waiting for
 its input.
 
-With packed documents kept apart (data.reset_attention_mask, data.reset_position_ids) a micro-batch's inputs are a
-tuple (tokens, position_ids[, doc_ids]) instead of the tokens alone, assembled by the same thread (see collate).
+With packed documents kept apart (data.reset_attention_mask, data.reset_position_ids) or context parallelism
+(parallel.cp) a micro-batch's inputs are a tuple (tokens, position_ids[, doc_ids]) instead of the tokens alone,
+assembled by the same thread (see collate). Every rank of a context-parallel group reads the same samples and keeps
+its own chunks of them.
 """
 from __future__ import annotations
 
@@ -29,14 +31,18 @@ HostBatch = tuple[Inputs, torch.Tensor, torch.Tensor]  # inputs, labels (int64),
 
 @dataclass
 class Packing:
-    """What a micro-batch's inputs carry besides its tokens (data.reset_attention_mask, data.reset_position_ids)."""
+    """What a micro-batch's inputs carry besides its tokens (data.reset_attention_mask, data.reset_position_ids,
+    parallel.cp)."""
     positions: bool = False  # each token's position id (megatron's: restarting after each EOD if it was asked to)
     eod: int | None = None  # the EOD id, whose tokens end documents: doc_ids for attention within each document
+    chunk: torch.Tensor | None = None  # context parallelism: the positions of the sequence this rank holds
 
 
 def collate(samples: list[dict], packing: Packing) -> HostBatch:
     """Samples -> (inputs, labels, loss_mask): inputs is tokens [B, T], or (tokens, position_ids[, doc_ids]) when
-    packing asks for them (a tuple of tensors, as a pipeline stage passes its activations on)."""
+    packing asks for them (a tuple of tensors, as a pipeline stage passes its activations on). Under context
+    parallelism every per-token tensor keeps this rank's chunks, [B, T / CP]; doc_ids stay whole [B, T]: the
+    documents of every rank's keys."""
     def stack(key, dtype):
         return torch.stack([torch.as_tensor(s[key]) for s in samples]).to(dtype)
     tokens, labels, mask = stack("tokens", torch.int64), stack("labels", torch.int64), stack("loss_mask", torch.float32)
@@ -46,8 +52,10 @@ def collate(samples: list[dict], packing: Packing) -> HostBatch:
         positions = stack("position_ids", torch.int64)
     else:  # a dataset without them (the benchmarks' random tokens): in order
         positions = torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()
-    inputs = (tokens, positions) + (() if packing.eod is None else (document_ids(tokens, packing.eod),))
-    return inputs, labels, mask
+    doc_ids = () if packing.eod is None else (document_ids(tokens, packing.eod),)
+    if packing.chunk is not None:
+        tokens, labels, mask, positions = (t[:, packing.chunk] for t in (tokens, labels, mask, positions))
+    return (tokens, positions, *doc_ids), labels, mask
 
 
 def forward_args(inputs: Inputs, labels: torch.Tensor, loss_mask: torch.Tensor) -> tuple:
