@@ -1,14 +1,17 @@
 """Long context: packed documents kept apart (data.reset_attention_mask, reset_position_ids, eod_mask_loss), and
 context parallelism (parallel.cp)."""
+import importlib.util
+
 import pytest
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
 
-from tests.conftest import assert_close_to_scale, debug_overrides
+from tests.conftest import REPO, assert_close_to_scale, debug_overrides
 from tests.runs import train
 from tests.test_training import _assert_same, baseline  # noqa: F401 (baseline: the one-process run, a fixture)
-from tokenformer_mp.config import ModelConfig, load_config, pad_vocab
+from tokenformer_mp.checkpoint import load_tensors, write_layout_free
+from tokenformer_mp.config import Config, ModelConfig, load_config, pad_vocab
 from tokenformer_mp.data.batches import Packing, collate
 from tokenformer_mp.data.datasets import build_datasets, cache_dir_of, sample_counts
 from tokenformer_mp.model import TokenFormer, attend, cross_entropy, document_ids, sequence_mask
@@ -245,3 +248,21 @@ def test_checkpoint_at_cp2_resumes_at_cp1(minipile, baseline, tmp_path):
     rest = run_ranks(1, train, debug_overrides(minipile, tmp_path, **kw))[0]
     assert [h["step"] for h in first + rest] == [1, 2, 3]
     _assert_same(first + rest, baseline)
+
+
+def test_reshard_tool_accepts_cp_and_says_it_ignores_it(tmp_path, capsys):
+    """tools/reshard_checkpoint.py --cp N: accepted, said to be ignored (checkpoints do not depend on CP), named in
+    the command it prints to continue with; the checkpoint it writes is the one it writes without --cp."""
+    spec = importlib.util.spec_from_file_location("tools_reshard_checkpoint", REPO / "tools" / "reshard_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cfg = _cfg()
+    torch.manual_seed(0)
+    write_layout_free(dict(TokenFormer(cfg).named_parameters()), Config(model=cfg), str(tmp_path / "src"))
+    assert tool.main(["--load", str(tmp_path / "src"), "--save", str(tmp_path / "cp"), "--tp", "2", "--cp", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "--cp 2: ignored, checkpoints do not depend on context parallelism" in err
+    assert "--parallel.tp 2 --parallel.pp 1 --parallel.cp 2" in err
+    assert tool.main(["--load", str(tmp_path / "src"), "--save", str(tmp_path / "plain"), "--tp", "2"]) == 0
+    with_cp, plain = load_tensors(str(tmp_path / "cp")), load_tensors(str(tmp_path / "plain"))
+    assert with_cp.keys() == plain.keys() and all(torch.equal(with_cp[k], plain[k]) for k in plain)
