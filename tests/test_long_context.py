@@ -239,13 +239,14 @@ def test_context_parallel_with_documents_equals_one_process(minipile, documents_
     _assert_same(hist, documents_baseline)
 
 
-def test_checkpoint_at_cp2_resumes_at_cp1(minipile, baseline, tmp_path):
-    """Checkpoints do not depend on CP: 2 steps at CP=2, the third at CP=1 from its checkpoint, equal to the
+@pytest.mark.parametrize("cp", [1, 4])
+def test_checkpoint_at_cp2_resumes_at_another_cp(cp, minipile, baseline, tmp_path):
+    """Checkpoints do not depend on CP: 2 steps at CP=2, the third at CP=1 or CP=4 from its checkpoint, equal to the
     unbroken one-process run."""
     kw = {"train.steps": 3}
     first = run_ranks(2, train, debug_overrides(minipile, tmp_path, **kw, **{"parallel.cp": 2,
                                                                              "train.exit_after_steps": 2}))[0]
-    rest = run_ranks(1, train, debug_overrides(minipile, tmp_path, **kw))[0]
+    rest = run_ranks(cp, train, debug_overrides(minipile, tmp_path, **kw, **{"parallel.cp": cp}))[0]
     assert [h["step"] for h in first + rest] == [1, 2, 3]
     _assert_same(first + rest, baseline)
 
