@@ -140,12 +140,17 @@ CASES = [
     T("device_unknown", {"train.device": "tpu"}, "train.device: 'tpu': auto, cpu or cuda"),
     *[T(f"{key}_not_a_bool", {key: "maybe"}, f"{key}: expected true/false, got 'maybe'")
       for key in ("train.activation_checkpointing", "train.fused_pattention", "train.recompute_pattention_gelu",
-                  "train.compile", "parallel.sequence_parallel", "parallel.overlap_grad_reduce")],
+                  "train.compile", "parallel.sequence_parallel", "parallel.overlap_grad_reduce",
+                  "data.reset_attention_mask", "data.reset_position_ids", "data.eod_mask_loss")],
     T("fused_pattention_with_softmax", {"train.fused_pattention": True, "model.norm": "softmax"},
       "train.fused_pattention: fused kernels exist for model.norm=l2_norm_gelu only"),
     T("tp_not_dividing_heads", {"parallel.tp": 3}, "parallel.tp: tp=3 does not divide model.num_heads=4"),
     T("pp_above_layers", {"parallel.pp": 3}, "parallel.pp: 3 stages for 2 layers"),
     T("zero_stage_3", {"parallel.zero_stage": 3}, "parallel.zero_stage: 3: 1 or 2"),
+    T("cp_zero", {"parallel.cp": 0}, "parallel.cp: must be >= 1"),
+    T("cp_not_splitting_the_sequence", {"parallel.cp": 3},
+      "parallel.cp: cp=3 cannot split model.seq_length=64: context parallelism cuts each sequence into 2*cp = 6 "
+      "equal chunks, so seq_length must be a multiple of 6"),
     T("sequence_parallel_uneven", {"parallel.tp": 2, "parallel.sequence_parallel": True, "model.seq_length": 63},
       "parallel.sequence_parallel: tp=2 does not divide model.seq_length=63"),
     T("grad_bucket_size_zero", {"parallel.grad_bucket_size": 0}, "parallel.grad_bucket_size: must be positive"),

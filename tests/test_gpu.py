@@ -12,6 +12,7 @@ import torch
 
 from tests.conftest import REPO, debug_overrides
 from tests.runs import train
+from tests.test_long_context import DOCUMENTS
 from tests.test_training import _args
 from tokenformer_mp.model import Pattention
 from tokenformer_mp.parallel.local import _free_port, run_ranks
@@ -72,6 +73,8 @@ GPU_LAYOUTS = {  # name: (GPUs, overrides), each over NCCL, one GPU per rank, th
     "tp2_sequence_parallel": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
     "tp2_compile": (2, {"parallel.tp": 2, "train.compile": True}),
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
+    "cp2": (2, {"parallel.cp": 2}),  # K and V all-gathered over NCCL, SDPA with the chunks' mask
+    "cp2_tp2": (4, {"parallel.cp": 2, "parallel.tp": 2}),
 }
 
 
@@ -83,6 +86,15 @@ def test_layout_on_gpus_tracks_fp32_on_cpu(name, minipile, cpu_reference, tmp_pa
     hist = run_ranks(world, train, debug_overrides(minipile, tmp_path, **{"train.steps": 3, "train.device": "cuda",
                                                                          **extra}))[0]
     _tracks(hist, cpu_reference)
+
+
+def test_documents_on_a_gpu_track_fp32_on_cpu(minipile, tmp_path):
+    """Packed documents kept apart (all three data flags) on the GPU: SDPA with an additive mask (its
+    memory-efficient kernel) in bf16 against the same flags in fp32 on the CPU."""
+    cpu = run_ranks(1, train, debug_overrides(minipile, tmp_path / "cpu", **{"train.steps": 3, **DOCUMENTS}))[0]
+    gpu = run_ranks(1, train, debug_overrides(minipile, tmp_path / "gpu", **{"train.steps": 3, "train.device": "cuda",
+                                                                            **DOCUMENTS}))[0]
+    _tracks(gpu, cpu)
 
 
 def test_layout_free_load_then_a_fused_adam_step_on_the_gpu(minipile, cpu_reference, tmp_path):

@@ -225,6 +225,11 @@ def canonical_params(trainer) -> list[tuple[str, torch.nn.Parameter]]:
     return out
 
 
+def _layout(trainer) -> dict[str, int]:
+    lay = trainer.layout
+    return {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, **({"cp": lay.cp} if lay.cp > 1 else {})}
+
+
 def _first_row(p) -> int:
     return p.shard_range[0] if getattr(p, "shard_range", None) is not None else 0
 
@@ -425,7 +430,7 @@ class Saver:
             seq = max([c[0] for c in scan(self.ckpt_dir)[0]], default=0) + 1
             manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seq": seq,
                         "config": tr.cfg.to_dict(), "model": tr.cfg.to_dict()["model"],
-                        "source_layout": {"tp": tr.layout.tp, "pp": tr.layout.pp, "dp": tr.layout.dp},
+                        "source_layout": _layout(tr),
                         "step": meta["step"], "tokens_seen": meta["step"] * tr.tokens_per_step,
                         "optimizer": {"step": meta["optimizer_step"]}, "engine": meta["engine"],
                         "grown_from": tr.grown_from, "history": tr.lineage,
@@ -511,8 +516,7 @@ def load_layout_free(trainer, path: str, load_optimizer: bool = True) -> dict:
                 for key in OPT_KEYS:
                     if key in manifest["tensors"][name]["keys"]:
                         frag.get_hp_fragment(key).copy_(store.read(name, key, start, start + n))
-        same_layout = manifest["source_layout"] == {"tp": trainer.layout.tp, "pp": trainer.layout.pp,
-                                                    "dp": trainer.layout.dp}
+        same_layout = manifest["source_layout"] == _layout(trainer)
         rng = store.rank_state(dist.get_rank()) if same_layout else None
     except StoreError as e:
         raise CheckpointError(str(e)) from None

@@ -73,6 +73,10 @@ class DataConfig:
     # Steps of micro-batches assembled ahead by a background thread (pinned, copied without blocking on a GPU);
     # 0: assembled on the training thread when needed.
     prefetch_steps: int = 2
+    # Samples are packed from many documents, each ended by an EOD token (Megatron's semantics for all three):
+    reset_attention_mask: bool = False  # a token attends only within its own document
+    reset_position_ids: bool = False  # rotary positions restart at 0 after each EOD
+    eod_mask_loss: bool = False  # no loss where the input is an EOD (the next document's first token is no target)
 
 
 @dataclass
@@ -126,7 +130,7 @@ class TrainConfig:
         if self.global_batch_size % per_pass:
             raise ConfigError(f"train.global_batch_size: {self.global_batch_size} sequences is not a multiple of "
                               f"micro_batch_size {self.micro_batch_size} x data-parallel size {dp} = {per_pass}: "
-                              f"change micro_batch_size, or the GPU count (DP = world / (tp * pp))")
+                              f"change micro_batch_size, or the GPU count (DP = world / (tp * pp * cp))")
         return self.global_batch_size // per_pass
 
     def global_batch(self, dp: int) -> int:
@@ -138,6 +142,9 @@ class TrainConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1  # data parallel takes the rest of the world
+    # Context parallelism: each sequence split over cp ranks (2cp chunks; rank r holds chunks r and 2cp-1-r), keys
+    # and values all-gathered inside attention (parallel.context_parallel); DP = world / (tp * pp * cp).
+    cp: int = 1
     zero_stage: int = 1
     # Megatron's sequence parallelism: activations between Pattentions split over the TP group
     # (layer norms, residuals and layer inputs TP times smaller, same bytes on the wire). No effect at tp 1.
@@ -152,6 +159,10 @@ class ParallelConfig:
     timeout_s: int = 600
     # bf16 training: the dtype of the data-parallel gradient reduction (accumulation is always fp32 under bf16).
     grad_reduce_dtype: str = "fp32"
+
+    def dp(self, world_size: int) -> int:
+        """The data-parallel size at a world size: the rest of the world after TP, PP and CP."""
+        return world_size // (self.tp * self.pp * self.cp)
 
 
 @dataclass
@@ -407,6 +418,10 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
 
     need(p.tp >= 1, "parallel.tp", "must be >= 1")
     need(p.pp >= 1, "parallel.pp", "must be >= 1")
+    need(p.cp >= 1, "parallel.cp", "must be >= 1")
+    need(m.seq_length % (2 * p.cp) == 0, "parallel.cp",
+         f"cp={p.cp} cannot split model.seq_length={m.seq_length}: context parallelism cuts each sequence into "
+         f"2*cp = {2 * p.cp} equal chunks, so seq_length must be a multiple of {2 * p.cp}")
     need(p.zero_stage in (1, 2), "parallel.zero_stage",
          f"{p.zero_stage}: 1 or 2 (ZeRO-0 reports no grad norm and miscounts replicated and tied parameters under "
          f"TP/PP; at DP=1, ZeRO-1 partitions nothing)")
@@ -417,14 +432,15 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
     need(p.grad_reduce_dtype in ("fp32", "bf16"), "parallel.grad_reduce_dtype", f"{p.grad_reduce_dtype!r}: fp32 or bf16")
     need(p.pp <= m.num_layers, "parallel.pp", f"{p.pp} stages for {m.num_layers} layers")
     need(m.num_heads % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.num_heads={m.num_heads}")
-    need(not p.sequence_parallel or m.seq_length % p.tp == 0, "parallel.sequence_parallel",
-         f"tp={p.tp} does not divide model.seq_length={m.seq_length}: the sequence is split over the TP ranks")
+    need(not p.sequence_parallel or m.seq_length // p.cp % p.tp == 0, "parallel.sequence_parallel",
+         f"tp={p.tp} does not divide model.seq_length={m.seq_length}" + (f" / cp={p.cp}" if p.cp > 1 else "")
+         + ": the sequence is split over the TP ranks")
     if m.vocab_size is not None:
         need(m.vocab_size % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.vocab_size={m.vocab_size}")
     if world_size is not None:
-        need(world_size % (p.tp * p.pp) == 0, "parallel",
-             f"tp*pp = {p.tp}*{p.pp} does not divide the world size {world_size}")
-        t.accum_steps(world_size // (p.tp * p.pp))  # a global batch the data-parallel ranks cannot share
+        need(world_size % (p.tp * p.pp * p.cp) == 0, "parallel",
+             f"tp*pp*cp = {p.tp}*{p.pp}*{p.cp} does not divide the world size {world_size}")
+        t.accum_steps(p.dp(world_size))  # a global batch the data-parallel ranks cannot share
 
     need(cfg.logging.wandb_project is None or cfg.logging.wandb_project.strip() != "", "logging.wandb_project",
          "empty: a project name, or null for no Weights & Biases")

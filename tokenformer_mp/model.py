@@ -220,7 +220,7 @@ def rotary_tables(seq_len: int, dim: int, base: float, device, dtype):
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
     """GPT-NeoX partial rotary: channels [0, h) and [h, 2h) of each head turn by the position angle (sign -1: back),
-    the rest pass. x: [B, H, T, hd], cos/sin: [T, h]."""
+    the rest pass. x: [B, H, T, hd], cos/sin: [T, h], or [B, 1, T, h] for positions per sample."""
     h = cos.shape[-1]
     x1, x2 = x[..., :h], x[..., h:2 * h]
     if torch.compiler.is_compiling():  # out= into slices would end the graph; Inductor makes this one kernel anyway
@@ -253,6 +253,47 @@ def make_pattention(cfg: ModelConfig, kind: str, in_features: int, out_features:
                       key_std=cfg.init_std, value_std=value_std)
 
 
+# --- token-token attention, and which keys a query sees ---------------------------------------------------------
+
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """[B, T] -> [B, T]: the document of each token of a packed sample, counted from 0. A document ends with its EOD
+    token (Megatron's reset_attention_mask: the tokens after an EOD no longer see it or anything before it)."""
+    ends = (tokens == eod).long()
+    return ends.cumsum(-1) - ends
+
+
+def attention_mask(q_index: torch.Tensor, k_index: torch.Tensor, q_doc: torch.Tensor | None = None,
+                   k_doc: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive mask [B or 1, 1, Tq, Tk]: 0 where key j is visible to query i, -inf elsewhere. Visible: not later in
+    the sequence (q_index [Tq], k_index [Tk]: the tokens' places in it) and, given documents (q_doc [B, Tq],
+    k_doc [B, Tk]), in the same one.
+
+    Additive in the activations' dtype, not boolean: SDPA turns a boolean mask into this on every call and keeps
+    that copy for backward, a [Tq, Tk] per layer; built once per micro-batch, one is shared by every layer."""
+    visible = (k_index[None, :] <= q_index[:, None]).unsqueeze(0)  # [1, Tq, Tk]
+    if q_doc is not None:
+        visible = visible & (q_doc[:, :, None] == k_doc[:, None, :])  # [B, Tq, Tk]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    return mask.unsqueeze(1)
+
+
+def sequence_mask(doc_ids: torch.Tensor | None, seq_len: int, dtype: torch.dtype, device=None):
+    """The attention mask of a micro-batch whose every token is here (no context parallelism): None without
+    documents (SDPA's own causal kernels, no mask tensor), else causal within each document. `device`: as
+    parallel.context_parallel.ChunkMask takes it (that mask exists without documents too)."""
+    if doc_ids is None:
+        return None
+    index = torch.arange(seq_len, device=doc_ids.device)
+    return attention_mask(index, index, doc_ids, doc_ids, dtype)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """Causal attention of [B, heads, T, hd] queries, keys and values; `mask` from sequence_mask. SDPA picks the
+    kernel: flash (GPU) or its CPU flash kernel when causal without a mask; with a mask (documents), the
+    memory-efficient kernel on a GPU, which takes an additive mask; on a CPU its CPU kernel with the mask."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -260,11 +301,13 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.rotary_dim = int(cfg.head_dim * cfg.rotary_pct)
         self.rotary_base = cfg.rotary_base
+        self.max_positions = cfg.seq_length
         self.query = make_pattention(cfg, "qkv", h, h)
         self.key = make_pattention(cfg, "qkv", h, h)
         self.value = make_pattention(cfg, "qkv", h, h)
         self.proj = make_pattention(cfg, "proj", h, h)
         self.enter = _identity  # one input region for Q, K and V together (see parallel.tensor_parallel)
+        self.attend = attend  # parallel.context_parallel: against the keys and values of the whole sequence
         self._tables = None  # rotary cos/sin of positions 0.. (grown as needed), for the last device and dtype
 
     def _rotary_tables(self, start: int, T: int, x: torch.Tensor):
@@ -279,21 +322,31 @@ class Attention(nn.Module):
             t = self._tables = rotary_tables(start + T, self.rotary_dim, self.rotary_base, x.device, x.dtype)
         return t[0][start:start + T], t[1][start:start + T]
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def _rotary_at(self, position_ids: torch.Tensor, x: torch.Tensor):
+        """cos and sin of each token's own position: [B, 1, T, rotary_dim / 2] (broadcast over the heads)."""
+        cos, sin = self._rotary_tables(0, self.max_positions, x)
+        return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                position_ids: torch.Tensor | None = None, mask=None) -> torch.Tensor:
+        """position_ids [B, T]: each token's position (None: 0.. in order, after the cached ones); mask: from
+        TokenFormer.mask_for, once per micro-batch."""
         x = self.enter(x)  # under sequence parallelism this gathers the sequence: T is the whole sequence after it
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0  # position of the first token of x
         # [B, T, heads * hd] -> [B, heads, T, hd]; under TP "heads" are this rank's heads.
         q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2) for p in (self.query, self.key, self.value))
         if self.rotary_dim:
-            q, k = _Rotary.apply(q, k, *self._rotary_tables(start, T, q))
-        mask = None
-        if cache is not None:
+            tables = self._rotary_tables(start, T, q) if position_ids is None else self._rotary_at(position_ids, q)
+            q, k = _Rotary.apply(q, k, *tables)
+        if cache is None:
+            y = self.attend(q, k, v, mask)
+        else:
             k, v = cache.extend(layer, k, v)  # [B, heads, start + T, hd]
             if start and T > 1:  # new tokens see every cached one, and each other causally
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-        # flash / memory-efficient kernels on GPU; a single new token attends to everything before it
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0)
+            # a single new token attends to everything before it
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=start == 0)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -327,8 +380,9 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.ffn = make_pattention(cfg, "ffn", cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attention(F.layer_norm(x, (self.hidden,), eps=self.eps), cache, self.layer_idx)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
+                mask=None) -> torch.Tensor:
+        x = x + self.attention(F.layer_norm(x, (self.hidden,), eps=self.eps), cache, self.layer_idx, position_ids, mask)
         return x + self.ffn(F.layer_norm(x, (self.hidden,), eps=self.eps))
 
 
@@ -419,17 +473,21 @@ class TokenFormer(nn.Module):
         self.final_norm = FinalNorm(cfg.hidden_size, eps=cfg.layernorm_eps)
         self.activation_checkpointing = False
         self.loss_fn = lm_loss  # parallel.tensor_parallel swaps in the vocab-parallel cross entropy
+        self.mask_for = sequence_mask  # parallel.context_parallel: this rank's chunks of the sequence against all
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None):
+                cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, V], or the loss given labels. With a cache (generation), tokens continue
-        the cached ones: positions from cache.length on."""
+        the cached ones: positions from cache.length on. Packed documents: position_ids [B, T] (each token's rotary
+        position; None: 0.. in order) and doc_ids [B, T] (document_ids; None: every token sees all before it)."""
         x = self.embed(tokens)  # [B, T, h]
+        mask = self.mask_for(doc_ids, tokens.shape[1], x.dtype, x.device) if cache is None else None
         for block in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, position_ids, mask, use_reentrant=False)
             else:
-                x = block(x, cache)
+                x = block(x, cache, position_ids, mask)
         if cache is not None:
             cache.length += tokens.shape[1]
         logits = self.embed.logits(self.final_norm(x))

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from .checkpoint import CheckpointError, Saver, canonical_params, has_checkpoints, load_checkpoint, write_atomic
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
-from .data.batches import Batches
+from .data.batches import Batches, Packing, forward_args
 from .flops import MatmulPeak, datasheet_bf16_peak, format_mfu, measure_matmul_flops
 from .model import Pattention, flops_per_token
 from .tokenizer import build_tokenizer
@@ -41,6 +41,9 @@ def deepspeed_config(cfg: Config, dp: int, precision: str, rank_params: int | No
     """rank_params: this rank's parameter count, which bounds ZeRO's gradient bucket (below)."""
     t, p = cfg.train, cfg.parallel
     accum = t.accum_steps(dp)
+    # DeepSpeed's data-parallel world is DP x CP (parallel.groups): a CP group's ranks each hold every sequence of
+    # their DP rank's micro-batches, so DeepSpeed's batch counts each sequence CP times.
+    dp *= p.cp
     bucket = p.grad_bucket_size or (40_000_000 if p.overlap_grad_reduce else 500_000_000)  # DeepSpeed's: 5e8
     # ZeRO allocates its gradient bucket at full size at every backward (twice when overlapping) and frees it after
     # the step, whatever the model's size: memory the allocator must find next to the activations, and on a CPU a
@@ -96,6 +99,8 @@ class Layout:
     dp_rank: int
     rank: int
     world: int
+    cp: int = 1  # context parallelism: every rank of a CP group reads the same samples (dp_rank), its own chunks
+    cp_rank: int = 0
 
 
 class MetricsWriter:
@@ -153,6 +158,7 @@ class Trainer:
         # megatron-core and DeepSpeed: seconds of imports, after a bad config was refused
         from .data.datasets import build_cache, build_datasets, cache_dir_of, sample_counts, wait_for_cache
         from .parallel import groups
+        from .parallel.context_parallel import chunk_index
         from .parallel.launch import discover, init_distributed, pick_device
 
         le = discover()
@@ -160,17 +166,18 @@ class Trainer:
         if tokenizer is None:
             tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
         if datasets is None:  # megatron's index cache before any process group: its build has no collective timeout
-            dp = le.world_size // (cfg.parallel.tp * cfg.parallel.pp)
+            dp = cfg.parallel.dp(le.world_size)
             if le.rank == 0:
                 build_cache(cfg, dp, tokenizer)
             else:
                 wait_for_cache(cfg, dp)
         self.device = pick_device(cfg.train.device, le.local_rank)
         init_distributed(le, self.device, cfg.parallel.timeout_s)
-        tp, pp = cfg.parallel.tp, cfg.parallel.pp
-        groups.initialize(tp, pp, cfg.parallel.timeout_s)
+        tp, pp, cp = cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp
+        groups.initialize(tp, pp, cfg.parallel.timeout_s, cp)
         sizes = groups.sizes()
-        self.layout = Layout(tp, pp, sizes["dp"], groups.ps.get_data_parallel_rank(), le.rank, le.world_size)
+        self.layout = Layout(tp, pp, sizes["dp"], groups.ps.get_data_parallel_rank(), le.rank, le.world_size, cp,
+                             groups.ps.get_context_parallel_rank())
         self.is_logger = le.rank == 0
 
         self.tokenizer = tokenizer
@@ -190,12 +197,17 @@ class Trainer:
         G, accum = t.global_batch(self.layout.dp), t.accum_steps(self.layout.dp)
         if datasets is None:  # the cache is built: every rank loads it
             datasets = build_datasets(cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length,
-                                      t.seed, sample_counts(cfg, self.layout.dp), self.tokenizer, cache_dir_of(cfg))
+                                      t.seed, sample_counts(cfg, self.layout.dp), self.tokenizer, cache_dir_of(cfg),
+                                      cfg.data.reset_position_ids, cfg.data.eod_mask_loss)
         train_ds, valid_ds = datasets[0], datasets[1]
-        lay = self.layout
+        lay, d = self.layout, cfg.data
+        packing = Packing(positions=d.reset_position_ids or d.reset_attention_mask or lay.cp > 1,
+                          eod=self.tokenizer.eod if d.reset_attention_mask else None,
+                          chunk=chunk_index(cfg.model.seq_length, lay.cp, lay.cp_rank) if lay.cp > 1 else None)
         self.train_batches = Batches(train_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device,
-                                     prefetch=cfg.data.prefetch_steps)
-        self.valid_batches = Batches(valid_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device) \
+                                     prefetch=d.prefetch_steps, packing=packing)
+        self.valid_batches = Batches(valid_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device,
+                                     packing=packing) \
             if valid_ds is not None and len(valid_ds) > 0 else None
         self.tokens_per_step = G * cfg.model.seq_length
         self.flops_per_token = flops_per_token(cfg.model)
@@ -219,15 +231,18 @@ class Trainer:
         from .parallel.build import apply_compile, build_model, build_pipeline
 
         cfg, t = self.cfg, self.cfg.train
+        cp_group = groups.cp_group() if self.layout.cp > 1 else None
         if self.layout.pp > 1:
             from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-            topo = PipeModelDataParallelTopology(num_pp=self.layout.pp, num_mp=self.layout.tp, num_dp=self.layout.dp)
+            # its data axis is DP x CP, laid out as megatron's (cp faster than dp; asserted in groups)
+            topo = PipeModelDataParallelTopology(num_pp=self.layout.pp, num_mp=self.layout.tp,
+                                                 num_dp=self.layout.dp * self.layout.cp)
             model = build_pipeline(cfg.model, t.seed, groups.tp_group(), topo, t.activation_checkpointing,
-                                   cfg.parallel.sequence_parallel)
+                                   cfg.parallel.sequence_parallel, cp_group)
             mpu = None  # DeepSpeed builds its own grid from the topology (same rank layout, asserted in groups)
         else:
             model = build_model(cfg.model, t.seed, groups.tp_group() if self.layout.tp > 1 else None,
-                                cfg.parallel.sequence_parallel)
+                                cfg.parallel.sequence_parallel, cp_group)
             model.activation_checkpointing = t.activation_checkpointing
             mpu = groups.MPU
         for sub in model.modules():
@@ -250,12 +265,14 @@ class Trainer:
         return deepspeed_config(self.cfg, self.layout.dp, self.precision, rank_params)
 
     def _dp_mean(self, value: float) -> float:
-        if self.layout.dp == 1:
+        """The mean over DP x CP (a CP rank's loss is its token-weighted share times CP: parallel.context_parallel)."""
+        n = self.layout.dp * self.layout.cp
+        if n == 1:
             return value
-        from megatron.core import parallel_state as ps
+        from .parallel import groups
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t, group=ps.get_data_parallel_group())
-        return t.item() / self.layout.dp
+        dist.all_reduce(t, group=groups.dp_cp_group())
+        return t.item() / n
 
     # --- per-row optimizer rules: no decay for the final LayerNorm, old tokens' rate after growth ---------------
     def _install_row_rules(self) -> None:
@@ -291,8 +308,8 @@ class Trainer:
             loss = self.engine.train_batch(data_iter=iter(batches)).item()
         else:
             total = None  # summed on the device: one host sync per step, not one per micro-batch
-            for tokens, (labels, mask) in batches:
-                out = self.engine(tokens, labels, mask)
+            for inputs, (labels, mask) in batches:
+                out = self.engine(*forward_args(inputs, labels, mask))
                 total = out.detach().double() if total is None else total + out.detach().double()
                 self.engine.backward(out)
                 self.engine.step()
@@ -310,7 +327,8 @@ class Trainer:
             if self.layout.pp > 1:
                 losses.append(self.engine.eval_batch(data_iter=iter(self.valid_batches.micro_batches(i))).item())
             else:
-                ls = [self.engine(tok, lab, m).double() for tok, (lab, m) in self.valid_batches.micro_batches(i)]
+                ls = [self.engine(*forward_args(inputs, lab, m)).double()
+                      for inputs, (lab, m) in self.valid_batches.micro_batches(i)]
                 losses.append(self._dp_mean(torch.stack(ls).sum().item() / len(ls)))
         return sum(losses) / len(losses)
 
@@ -385,7 +403,8 @@ class Trainer:
         largest matmul (a micro-batch's tokens x hidden x this rank's FFN tokens); the best reading counts."""
         m, t = self.cfg.model, self.cfg.train
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
-        own = (t.micro_batch_size * m.seq_length, m.hidden_size, max(1, m.ffn_tokens // self.layout.tp))
+        own = (t.micro_batch_size * m.seq_length // self.layout.cp, m.hidden_size,
+               max(1, m.ffn_tokens // self.layout.tp))
         self.matmul_peak.readings += [measure_matmul_flops(self.device, dtype, seconds=0.3),
                                       measure_matmul_flops(self.device, dtype, own, seconds=0.3)]
 

@@ -33,7 +33,7 @@ def main(argv=None) -> int:
             overrides["run_dir"] = args.run_dir
         cfg = load_config(args.config, overrides)
         validate(cfg, world_size=args.world_size)
-        dp = args.world_size // (cfg.parallel.tp * cfg.parallel.pp)
+        dp = cfg.parallel.dp(args.world_size)
         start = time.perf_counter()
         build_cache(cfg, dp, build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model))
     except (ConfigError, FileNotFoundError, ValueError) as e:

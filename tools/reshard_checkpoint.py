@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--save", required=True)
     ap.add_argument("--tp", type=int)
     ap.add_argument("--pp", type=int)
+    ap.add_argument("--cp", type=int, help="accepted and ignored: checkpoints do not depend on context parallelism "
+                                           "(any checkpoint loads at any --parallel.cp)")
     grow = ap.add_mutually_exclusive_group()
     grow.add_argument("--expand-config", help="grow to the token counts of this config (e.g. tokenformer-354m.yaml)")
     grow.add_argument("--expand-factor", type=float, help="every Pattention's token count times F")
@@ -46,6 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
+    if args.cp is not None:
+        print(f"--cp {args.cp}: ignored, checkpoints do not depend on context parallelism (train with "
+              f"--parallel.cp {args.cp})", file=sys.stderr)
     try:
         src = resolve_source(args.load)
         plan = None
@@ -70,7 +75,8 @@ def main(argv=None) -> int:
     keys = [f"--model.{k} {m[k]}" for kind in ("qkv", "proj", "ffn")
             for k in (f"{kind}_tokens", f"{kind}_scale_tokens") if m[k] is not None]
     print(f"continue with: python -m tokenformer_mp.train --config YOUR.yaml --checkpoint.load {args.save} "
-          f"--parallel.tp {layout['tp']} --parallel.pp {layout['pp']} {' '.join(keys)}"
+          f"--parallel.tp {layout['tp']} --parallel.pp {layout['pp']}"
+          + (f" --parallel.cp {args.cp}" if args.cp else "") + f" {' '.join(keys)}"
           + (" [--train.old_tokens_lr_mult 0 to freeze the old tokens]" if new.get("grown_from") else ""),
           file=sys.stderr)
     return 0

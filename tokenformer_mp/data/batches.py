@@ -8,23 +8,72 @@ With `prefetch` > 0 a thread assembles the next steps' micro-batches (samples st
 memory when the device is a GPU) while the current step trains, as Megatron's DataLoader workers do, and each is
 copied to the device without blocking the host. `wait_s` accumulates the time the training loop spent waiting for
 its input.
+
+With packed documents kept apart (data.reset_attention_mask, data.reset_position_ids) or context parallelism
+(parallel.cp) a micro-batch's inputs are a tuple (tokens, position_ids[, doc_ids]) instead of the tokens alone,
+assembled by the same thread (see collate). Every rank of a context-parallel group reads the same samples and keeps
+its own chunks of them.
 """
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
 import torch
 
-HostBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # tokens, labels (int64), loss mask (float32): [mbs, seq]
+from ..model import document_ids
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # tokens [mbs, seq], or (tokens, position_ids[, doc_ids])
+HostBatch = tuple[Inputs, torch.Tensor, torch.Tensor]  # inputs, labels (int64), loss mask (float32): [mbs, seq]
+
+
+@dataclass
+class Packing:
+    """What a micro-batch's inputs carry besides its tokens (data.reset_attention_mask, data.reset_position_ids,
+    parallel.cp)."""
+    positions: bool = False  # each token's position id (megatron's: restarting after each EOD if it was asked to)
+    eod: int | None = None  # the EOD id, whose tokens end documents: doc_ids for attention within each document
+    chunk: torch.Tensor | None = None  # context parallelism: the positions of the sequence this rank holds
+
+
+def collate(samples: list[dict], packing: Packing) -> HostBatch:
+    """Samples -> (inputs, labels, loss_mask): inputs is tokens [B, T], or (tokens, position_ids[, doc_ids]) when
+    packing asks for them (a tuple of tensors, as a pipeline stage passes its activations on). Under context
+    parallelism every per-token tensor keeps this rank's chunks, [B, T / CP]; doc_ids stay whole [B, T]: the
+    documents of every rank's keys."""
+    def stack(key, dtype):
+        return torch.stack([torch.as_tensor(s[key]) for s in samples]).to(dtype)
+    tokens, labels, mask = stack("tokens", torch.int64), stack("labels", torch.int64), stack("loss_mask", torch.float32)
+    if not packing.positions:
+        return tokens, labels, mask
+    if "position_ids" in samples[0]:
+        positions = stack("position_ids", torch.int64)
+    else:  # a dataset without them (the benchmarks' random tokens): in order
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()
+    doc_ids = () if packing.eod is None else (document_ids(tokens, packing.eod),)
+    if packing.chunk is not None:
+        tokens, labels, mask, positions = (t[:, packing.chunk] for t in (tokens, labels, mask, positions))
+    return (tokens, positions, *doc_ids), labels, mask
+
+
+def forward_args(inputs: Inputs, labels: torch.Tensor, loss_mask: torch.Tensor) -> tuple:
+    """A micro-batch as TokenFormer.forward's arguments (tokens, labels, loss_mask, cache, position_ids, doc_ids)."""
+    tokens, *extra = inputs if isinstance(inputs, tuple) else (inputs,)
+    return (tokens, labels, loss_mask, None, *extra)
+
+
+def _each(inputs: Inputs, fn) -> Inputs:
+    return tuple(fn(t) for t in inputs) if isinstance(inputs, tuple) else fn(inputs)
 
 
 class Batches:
     def __init__(self, dataset, dp: int, dp_rank: int, micro_batch: int, accum: int, device: torch.device,
-                 prefetch: int = 0):
+                 prefetch: int = 0, packing: Packing | None = None):
         self.ds, self.dp, self.dp_rank, self.mbs, self.accum = dataset, dp, dp_rank, micro_batch, accum
         self.device, self.prefetch, self.wait_s = device, prefetch, 0.0
+        self.packing = packing or Packing()
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
@@ -40,10 +89,8 @@ class Batches:
         out = []
         for m in range(self.accum):
             samples = [self.ds[i % len(self.ds)] for i in range(base + m * self.mbs, base + (m + 1) * self.mbs)]
-            batch = tuple(torch.stack([torch.as_tensor(s[k]) for s in samples]).to(dtype)
-                          for k, dtype in (("tokens", torch.int64), ("labels", torch.int64),
-                                           ("loss_mask", torch.float32)))
-            out.append(tuple(t.pin_memory() for t in batch) if self.device.type == "cuda" else batch)
+            batch = collate(samples, self.packing)
+            out.append(tuple(_each(t, torch.Tensor.pin_memory) for t in batch) if self.device.type == "cuda" else batch)
         return out
 
     def _producer(self, first: int, q: queue.Queue, stop: threading.Event) -> None:
@@ -76,13 +123,13 @@ class Batches:
         return batches
 
     def micro_batches(self, step: int):
-        """(tokens, (labels, loss_mask)) on the device, one per micro-batch of the step."""
+        """(inputs, (labels, loss_mask)) on the device, one per micro-batch of the step."""
         start = time.perf_counter()
         host = self._take(step)
         self.wait_s += time.perf_counter() - start
-        for tokens, labels, mask in host:
-            tokens, labels, mask = (t.to(self.device, non_blocking=True) for t in (tokens, labels, mask))
-            yield tokens, (labels, mask)
+        for batch in host:
+            inputs, labels, mask = (_each(t, lambda x: x.to(self.device, non_blocking=True)) for t in batch)
+            yield inputs, (labels, mask)
 
     def close(self) -> None:
         if self._thread is not None:

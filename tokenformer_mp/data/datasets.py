@@ -163,9 +163,12 @@ def build_datasets(
     num_samples: tuple[int, int, int],
     tokenizer: Tokenizer,
     cache_dir: str | None,
+    reset_position_ids: bool = False,
+    eod_mask_loss: bool = False,
 ) -> tuple[GPTSamples | None, GPTSamples | None, GPTSamples | None]:
     """(train, valid, test) with num_samples[i] samples each, from prefixes split by `split` (e.g. "98,1,1" of each
-    prefix's documents); None for a split given no share.
+    prefix's documents); None for a split given no share. reset_position_ids, eod_mask_loss: megatron's
+    (position ids restart after each EOD; the loss mask is 0 where the input is EOD).
 
     weights=None with several prefixes weighs each by its token count. Call on every rank when distributed.
     """
@@ -185,10 +188,12 @@ def build_datasets(
             split=split,
             path_to_cache=path_to_cache,
             tokenizer=tokenizer,
-            reset_position_ids=False,
+            reset_position_ids=reset_position_ids,
+            # Attention within documents (data.reset_attention_mask): the model masks it from the documents' EODs
+            # (model.document_ids), once per micro-batch instead of a [T, T] mask per sample from here.
             reset_attention_mask=False,
-            eod_mask_loss=False,
-            create_attention_mask=False,  # the model applies its causal mask itself
+            eod_mask_loss=eod_mask_loss,
+            create_attention_mask=False,
         )
         return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
 
