@@ -72,7 +72,7 @@ def test_tp8_pp4_round_trip(tmp_path):
     write_layout_free(dict(TokenFormer(cfg).named_parameters()), Config(model=cfg), str(tmp_path / "src"))
     reshard(str(tmp_path / "src"), str(tmp_path / "big"), tp=8, pp=4, progress=False)
     assert read_manifest(str(tmp_path / "big"))["config"]["parallel"] == {
-        "tp": 8, "pp": 4, "zero_stage": 1, "sequence_parallel": False, "overlap_grad_reduce": False,
+        "tp": 8, "pp": 4, "cp": 1, "zero_stage": 1, "sequence_parallel": False, "overlap_grad_reduce": False,
         "grad_bucket_size": None, "timeout_s": 600, "grad_reduce_dtype": "fp32"}
     reshard(str(tmp_path / "big"), str(tmp_path / "back"), tp=1, pp=1, progress=False)
     assert _content(tmp_path / "src") == _content(tmp_path / "back")

@@ -419,7 +419,7 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
     need(p.tp >= 1, "parallel.tp", "must be >= 1")
     need(p.pp >= 1, "parallel.pp", "must be >= 1")
     need(p.cp >= 1, "parallel.cp", "must be >= 1")
-    need(m.seq_length % (2 * p.cp) == 0, "parallel.cp",
+    need(p.cp == 1 or m.seq_length % (2 * p.cp) == 0, "parallel.cp",  # cp=1: no chunks
          f"cp={p.cp} cannot split model.seq_length={m.seq_length}: context parallelism cuts each sequence into "
          f"2*cp = {2 * p.cp} equal chunks, so seq_length must be a multiple of {2 * p.cp}")
     need(p.zero_stage in (1, 2), "parallel.zero_stage",
