@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import MINIPILE, SHARED, assert_close_to_scale
+from tests.conftest import MINIPILE, REPO, assert_close_to_scale
 from tokenformer_mp.checkpoint import load_weights, write_layout_free
 from tokenformer_mp.config import NORMS, Config, ModelConfig, load_config
 from tokenformer_mp.convert import export_neox, import_neox, model_config_from_neox, tokenizer_from_neox
@@ -22,7 +22,7 @@ from tokenformer_mp.reshard import ExpandPlan, reshard
 from tokenformer_mp.tokenizer import build_tokenizer
 from tools.convert_checkpoint import main
 
-NEOX = str(SHARED / "tokenizers/gpt-neox-20b/tokenizer.json")
+NEOX = str(REPO / "tokenizers/gpt-neox-20b/tokenizer.json")  # bundled: no ../shared needed
 DEBUG = load_config("configs/debug.yaml").model  # the debug model's shape, at a 1,024-id vocabulary
 
 
