@@ -84,17 +84,18 @@ tf_run() {
   while kill -0 "$TF_STEP_PID" 2>/dev/null; do wait "$TF_STEP_PID"; done
   wait "$TF_STEP_PID"; local rc=$?  # bash keeps the status of a reaped background job
   TF_STEP_PID=""
+  if { [ "$rc" = 143 ] || [ "$rc" = 137 ]; } && [ -n "$TF_GOT_SIGNAL" ]; then
+    # After a forwarded signal the ranks leave with 124 one by one, each once the checkpoint is complete on all;
+    # srun --kill-on-bad-exit takes the first 124 as a failure and terminates the ranks still exiting. Resuming
+    # takes the newest complete checkpoint whatever happened, so this is the signal's stop.
+    tf_log "training step ended (exit $rc) after the $TF_GOT_SIGNAL: ranks still exiting were terminated by srun"
+    rc=124
+  fi
   case $rc in
     0) tf_log "training step finished (exit 0)"; return 0 ;;
     124) ;;
     2) tf_log "training step failed: exit 2, a config error (see 'error:' above)"; exit 2 ;;
     3) tf_log "training step failed: exit 3, the loss diverged (see 'error:' above)"; exit 3 ;;
-    143|137)
-      # After a forwarded signal the ranks leave with 124 one by one, each once the checkpoint is complete on all;
-      # srun --kill-on-bad-exit takes the first 124 as a failure and terminates the ranks still exiting. Resuming
-      # takes the newest complete checkpoint whatever happened, so this is the signal's stop.
-      if [ -z "$TF_GOT_SIGNAL" ]; then tf_log "training step failed: exit $rc"; exit "$rc"; fi
-      tf_log "training step ended (exit $rc) after the $TF_GOT_SIGNAL: ranks still exiting were terminated by srun" ;;
     *) tf_log "training step failed: exit $rc"; exit "$rc" ;;
   esac
   local restarts=${SLURM_RESTART_COUNT:-0}

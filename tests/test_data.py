@@ -493,7 +493,7 @@ def test_prefetched_batches_are_the_same_in_the_same_order():
 
 
 def test_index_cache_is_built_before_any_collective_and_found_when_prebuilt(minipile, tmp_path):
-    """Rank 1 started alone waits for rank 0's index cache longer than parallel.timeout_s (12 s against 5): the
+    """Rank 1 started alone waits for rank 0's index cache longer than parallel.timeout_s (6 s against 2): the
     build happens before any process group, so no collective times out; and a cache built beforehand by
     tools/build_data_cache.py is what the trainer loads (its files untouched)."""
     from tests.conftest import REPO, debug_overrides
@@ -503,13 +503,13 @@ def test_index_cache_is_built_before_any_collective_and_found_when_prebuilt(mini
     def start(rank: int, run, **kw) -> subprocess.Popen:
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        args = _args(debug_overrides(minipile, run, **{"train.steps": 1, "parallel.timeout_s": 5, **kw}))
+        args = _args(debug_overrides(minipile, run, **{"train.steps": 1, "parallel.timeout_s": 2, **kw}))
         return subprocess.Popen([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     port = _free_port()
     late = start(1, tmp_path / "a")
-    time.sleep(12)
+    time.sleep(6)
     assert late.poll() is None, late.communicate()[0][-3000:]  # still waiting, no process group to time out
     first = start(0, tmp_path / "a")
     outs = [p.communicate(timeout=300)[0] for p in (late, first)]
