@@ -283,8 +283,10 @@ def test_final_norm_is_not_decayed(minipile, tmp_path):
     (4, {"parallel.tp": 2, "parallel.zero_stage": 2, "train.precision": "bf16"}),
     (4, {"parallel.tp": 2, "parallel.overlap_grad_reduce": True, "parallel.grad_bucket_size": 100_000}),  # buckets
     (2, {"train.precision": "bf16", "parallel.grad_reduce_dtype": "bf16"}),  # BF16_Optimizer, bf16 reduction
+    # K and V gathered over CP, positions and document ids sent between stages, gradients reduced over DP x CP
+    (4, {"parallel.cp": 2, "parallel.pp": 2, "data.reset_attention_mask": True, "data.reset_position_ids": True}),
 ], ids=["tp2_pp2", "tp2_pp2_sequence_parallel_bf16", "dp2_tp2_zero2_bf16", "dp2_tp2_overlap_grad_reduce",
-        "dp2_bf16_reduce"])
+        "dp2_bf16_reduce", "cp2_pp2_documents"])
 def test_every_rank_moves_the_bytes_counted_analytically(world, overrides):
     """The layouts benchmark: one step's bytes, counted on every rank by wrapping torch.distributed (and DeepSpeed's
     own references to it), equal bench.comm.rank_bytes_per_step exactly, rank by rank."""
@@ -292,4 +294,5 @@ def test_every_rank_moves_the_bytes_counted_analytically(world, overrides):
     r = measure("configs/debug.yaml", {"train.steps": 3, "model.vocab_size": 4096, **overrides}, world=world)
     assert r["bytes_match_every_rank"], r
     assert r["tp_bytes_per_step"] == r["tp_bytes_analytic"] > 0 or overrides.get("parallel.tp", 1) == 1
+    assert r["cp_bytes_per_step"] == r["cp_bytes_analytic"] > 0 or overrides.get("parallel.cp", 1) == 1
     assert r["bytes_per_step"] > r["tp_bytes_per_step"]

@@ -280,7 +280,7 @@ def attention_mask(q_index: torch.Tensor, k_index: torch.Tensor, q_doc: torch.Te
 def sequence_mask(doc_ids: torch.Tensor | None, seq_len: int, dtype: torch.dtype, device=None):
     """The attention mask of a micro-batch whose every token is here (no context parallelism): None without
     documents (SDPA's own causal kernels, no mask tensor), else causal within each document. `device`: as
-    parallel.context_parallel.ChunkMask takes it (that mask exists without documents too)."""
+    parallel.context_parallel.ChunkMask takes it."""
     if doc_ids is None:
         return None
     index = torch.arange(seq_len, device=doc_ids.device)

@@ -72,7 +72,12 @@ LAYOUTS = [("tp1", 1, {}), ("tp2", 2, {"parallel.tp": 2}), ("tp4", 4, {"parallel
            ("pp2", 2, {"parallel.pp": 2}), ("dp2", 2, {"train.grad_accum_steps": 1}),
            ("tp2xpp2", 4, {"parallel.tp": 2, "parallel.pp": 2}),
            ("tp2 sp", 2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
-           ("tp2xpp2 sp", 4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True})]
+           ("tp2xpp2 sp", 4, {"parallel.tp": 2, "parallel.pp": 2, "parallel.sequence_parallel": True}),
+           ("cp2", 2, {"parallel.cp": 2}), ("cp4", 4, {"parallel.cp": 4}),
+           ("cp2xtp2", 4, {"parallel.cp": 2, "parallel.tp": 2}), ("cp2xpp2", 4, {"parallel.cp": 2, "parallel.pp": 2}),
+           ("cp2xdp2", 4, {"parallel.cp": 2, "train.grad_accum_steps": 1}),
+           ("cp2 documents", 2, {"parallel.cp": 2, "data.reset_attention_mask": True, "data.reset_position_ids": True,
+                                 "data.eod_mask_loss": True})]
 
 
 def bench_layouts():
@@ -84,6 +89,7 @@ def bench_layouts():
         device = {} if torch.cuda.device_count() >= world else {"train.device": "cpu"}  # a GPU per rank, or none
         r = measure("configs/debug.yaml", {**base, **ov, **device}, world=world)
         r["tp_bytes_match"] = r["tp_bytes_per_step"] == r["tp_bytes_analytic"]
+        r["cp_bytes_match"] = r["cp_bytes_per_step"] == r["cp_bytes_analytic"]
         rows.append({"name": name, **r})
     return rows
 
@@ -94,6 +100,29 @@ def bench_activations():
     from tokenformer_mp.config import load_config
     cfg = load_config("configs/debug.yaml", {"model.vocab_size": 4096, **{f"model.{k}": v for k, v in WIDE.items()}})
     return measure(cfg.model, micro_batch=4)
+
+
+def bench_context_parallel():
+    """Saved activations per rank by CP degree: the 4-layer 512-wide model at a 4,096-token context."""
+    from tokenformer_mp.bench.memory import by_context_parallel
+    from tokenformer_mp.config import load_config
+    wide = {**{f"model.{k}": v for k, v in WIDE.items()}, "model.seq_length": 4096}
+    return by_context_parallel(load_config("configs/debug.yaml", {"model.vocab_size": 4096, **wide}).model, 1)
+
+
+def bench_long_context():
+    """Memory per 80 GB GPU of tokenformer-150m and -1.5b at 32k and 128k contexts by CP degree (8 GPUs of ZeRO-1),
+    from their activations per token measured in bf16: the layouts that fit (docs/parallelism.md)."""
+    from tokenformer_mp.bench.memory import long_context_fit
+    from tokenformer_mp.config import load_config
+    import torch
+    rows = [{"model": name, **r} for name in ("150m", "1.5b")
+            for r in long_context_fit(load_config(f"configs/tokenformer-{name}.yaml").model, (32768, 131072))]
+    if torch.cuda.is_available():  # the prediction against the GPU's own peak, tokenformer-150m at 32k on one GPU
+        from tokenformer_mp.bench.memory import gpu_activation_peak
+        cfg = load_config("configs/tokenformer-150m.yaml", {"model.seq_length": 32768}).model
+        rows += [{"model": "150m on this GPU", **gpu_activation_peak(cfg, rc)} for rc in ("none", "blocks")]
+    return rows
 
 
 def bench_preprocess():
@@ -178,9 +207,14 @@ SECTIONS = {"pattention": (bench_pattention, ["shape", "device", "dtype", "patte
             "mfu": (bench_mfu, ["model", "step_time_s", "tokens_per_s", "matmul_peak_flops", "matmul_peak_spread",
                                 "mfu", "mfu_suspect", "mfu_datasheet"]),
             "layouts": (bench_layouts, ["name", "world", "step_time_s", "tokens_per_s", "tp_bytes_per_step",
-                                        "tp_bytes_analytic", "tp_bytes_match", "bytes_per_step", "bytes_analytic",
+                                        "tp_bytes_analytic", "tp_bytes_match", "cp_bytes_per_step", "cp_bytes_analytic",
+                                        "cp_bytes_match", "bytes_per_step", "bytes_analytic",
                                         "bytes_match_every_rank"]),
             "activations": (bench_activations, ["layout", "recompute", "compiled", "activation_mb", "vs_tp1"]),
+            "context_parallel": (bench_context_parallel, ["layout", "recompute", "activation_mb", "vs_cp1", "ideal",
+                                                          "predicted_mb", "error"]),
+            "long_context": (bench_long_context, ["model", "context", "cp", "recompute", "states_gb",
+                                                  "activations_gb", "total_gb", "fits", "measured_gb", "error"]),
             "preprocess": (bench_preprocess, None),
             "generate": (bench_generate, ["model", "device", "prompt", "new_tokens", "cached_tok_s", "uncached_tok_s",
                                           "speedup", "same_tokens"]),

@@ -6,8 +6,9 @@
 1. tests/test_gpu.py: Pattention in bf16, the layout matrix over NCCL (1 GPU; TP=2, PP=2, DP=2, sequence parallel,
    compile with 2; TP=2 x PP=2 with 4) against the CPU's fp32 run, a layout-free load followed by fused AdamW steps
    (at TP=2 with 2 GPUs), srun-style tasks that each see one GPU;
-2. tools/benchmark.py --only pattention mfu generate (bf16 on the GPU: Pattention against the MLP, MFU of
-   tokenformer-150m and 450m against the measured and the datasheet peak, generation with the KV cache).
+2. tools/benchmark.py --only pattention mfu generate long_context (bf16 on the GPU: Pattention against the MLP, MFU
+   of tokenformer-150m and 450m against the measured and the datasheet peak, generation with the KV cache, the
+   long-context memory prediction against the GPU's peak for tokenformer-150m at 32k).
 Writes one JSON (default bench_out/gpu_check.json) and exits 0 when nothing failed. What the machine cannot do is
 skipped with the reason (no GPU at all: everything, exit 0); a part that would overrun the time budget is skipped too.
 """

@@ -73,7 +73,7 @@ def run(budget_s: float = 480.0) -> dict:
                 result["skipped"].append({"part": "benchmark", "why": f"{left:.0f} s of the budget left"})
             else:
                 code, tail = run_part([sys.executable, "tools/benchmark.py", "--only", "pattention", "mfu", "generate",
-                                       "--out", bench], timeout=left)
+                                       "long_context", "--out", bench], timeout=left)
                 if os.path.exists(bench):
                     with open(bench) as f:
                         result["benchmark"] = json.load(f)

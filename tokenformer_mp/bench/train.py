@@ -28,11 +28,15 @@ def _rank_run(config: str, overrides: dict) -> dict:
     with count_collectives() as counts:  # one more step, once the first step's one-off messages are behind
         trainer.train_step()
     tp_ranks = tuple(dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()))
+    cp_ranks = tuple(dist.get_process_group_ranks(ps.get_context_parallel_group()))
     tp_bytes = sum(v for (op, ranks), v in counts.items() if ranks == tp_ranks and len(ranks) > 1)
+    cp_bytes = sum(v for (ranks, caller), v in counts.by_caller.items()  # K and V, not DeepSpeed's on the same group
+                   if ranks == cp_ranks and len(ranks) > 1 and caller.startswith("tokenformer_mp."))
     analytic = rank_bytes_per_step(trainer.cfg, trainer.layout.dp, ps.get_pipeline_model_parallel_rank(),
                                    sum(isinstance(m, Block) for m in trainer.model.modules()),
                                    sum(p.numel() for p in trainer.model.parameters()), trainer.precision)
-    out = {"history": trainer.history, "tp_bytes": tp_bytes, "analytic": analytic,
+    out = {"history": trainer.history, "tp_bytes": tp_bytes, "cp_bytes": cp_bytes,
+           "analytic": analytic, "cp_rank": ps.get_context_parallel_rank(),
            "all_bytes": sum(v for (op, ranks), v in counts.items() if len(ranks) > 1),
            "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
            "flops_per_token": trainer.flops_per_token, "peak": trainer.matmul_peak.summary(),
@@ -58,22 +62,27 @@ def _mfu(tokens_per_s: float, results: list[dict]) -> dict:
 
 def measure(config: str, overrides: dict, world: int = 1, warmup: int = 2) -> dict:
     """Median step time and tokens/s after warm-up steps; bytes per step, every rank's counted against its analytic
-    count (comm.rank_bytes_per_step): the TP group's summed over one TP group per stage, and all of them."""
+    count (comm.rank_bytes_per_step): the TP group's and the CP group's (K and V) summed over one rank per
+    pipeline stage, and all of them."""
     with tempfile.TemporaryDirectory() as run_dir:  # not the config's run_dir: no resuming from a user's checkpoints
         results = run_ranks(world, _rank_run, config, {**overrides, "run_dir": run_dir})
     cfg = load_config(config, overrides)
     hist = results[0]["history"][warmup:]
     p = cfg.parallel
-    one_tp_group = [r for r in results if r["tp_rank"] == 0 and r["dp_rank"] == 0]  # one per pipeline stage
+    # one rank per pipeline stage: its TP group's and its CP group's collectives
+    one_per_stage = [r for r in results if r["tp_rank"] == 0 and r["cp_rank"] == 0 and r["dp_rank"] == 0]
     counted = [r["all_bytes"] for r in results]
     modelled = results[0]["analytic"] is not None
     analytic = [sum(r["analytic"].values()) for r in results] if modelled else None
     sp = " sp" if p.sequence_parallel and p.tp > 1 else ""
-    return {"layout": f"tp{p.tp}{sp} pp{p.pp} dp{world // (p.tp * p.pp)}", "world": world,
+    cp = f" cp{p.cp}" if p.cp > 1 else ""
+    return {"layout": f"tp{p.tp}{sp}{cp} pp{p.pp} dp{p.dp(world)}", "world": world,
             "step_time_s": statistics.median(h["step_time_s"] for h in hist),
             "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist),
             **_mfu(statistics.median(h["tokens_per_s"] for h in hist), results),
-            "tp_bytes_per_step": sum(r["tp_bytes"] for r in one_tp_group),
-            "tp_bytes_analytic": sum(r["analytic"]["tp"] for r in one_tp_group) if modelled else None,
+            "tp_bytes_per_step": sum(r["tp_bytes"] for r in one_per_stage),
+            "tp_bytes_analytic": sum(r["analytic"]["tp"] for r in one_per_stage) if modelled else None,
+            "cp_bytes_per_step": sum(r["cp_bytes"] for r in one_per_stage),
+            "cp_bytes_analytic": sum(r["analytic"]["cp"] for r in one_per_stage) if modelled else None,
             "bytes_per_step": sum(counted), "bytes_analytic": sum(analytic) if modelled else None,
             "bytes_match_every_rank": counted == analytic if modelled else None}

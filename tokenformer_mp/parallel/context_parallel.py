@@ -12,11 +12,14 @@ Token-token attention needs every earlier key and value. They are all-gathered o
 
 h_local = h / TP, the heads this rank computes. A ring of point-to-point sends (ring attention) moves the same
 2 (N-1)/N T h bytes each way but in N-1 steps overlapped with partial attentions, merged by their log-sum-exp. The
-all-gather is chosen because it is one collective per layer and direction, lets SDPA run one kernel with one mask
-(the chunks' causal order, and packed documents' boundaries, are then just the mask), and needs no partial-attention
-merging; what it costs is the gathered K and V, [B, heads, T, hd] each, held for backward: at the chunk sizes where
-CP pays (T of tens of thousands), that is small beside the activations of T / N tokens through 5 Pattentions. The
-overlap a ring offers matters when N is large and the link slow (across nodes); here CP is meant within a node.
+all-gather is chosen because it is one collective per layer and direction and needs no partial-attention merging:
+each of this rank's two query chunks attends to the keys up to its own end through SDPA's causal kernels (flash
+attention on a GPU, no mask tensor), and packed documents' boundaries are one mask over the gathered keys. What it
+costs is the gathered K and V, [B, heads, T, hd] each, held for backward, (N-1)/N x 2 T h_local elements per layer
+beyond this rank's own, and the attention output held twice (its chunks by SDPA, joined by the projection): at CP=2
+tokenformer-150m keeps 0.55 of CP=1's activations per rank instead of 0.5 (bench.memory.predicted_saved_bytes; none
+of it with activation checkpointing). The overlap a ring offers matters when N is large and the link slow (across
+nodes); here CP is meant within a node.
 
 The loss is each rank's sum over its tokens divided by the CP group's token count (all-reduced), times N: DeepSpeed
 averages gradients over the DP x CP group (parallel.groups gives it that group as its data-parallel one), which
@@ -25,12 +28,13 @@ makes the mean over whole sequences whatever share of masked tokens each rank ho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ..model import Attention, attention_mask
 from .tensor_parallel import gather
@@ -47,27 +51,48 @@ def gathered_index(seq_len: int, cp: int) -> torch.Tensor:
     return torch.cat([chunk_index(seq_len, cp, r) for r in range(cp)])
 
 
-def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, group) -> torch.Tensor:
-    """Attention of this rank's queries [B, heads, T/N, hd] to every rank's keys and values (one all-gather of K and
-    V stacked; backward: one reduce-scatter of their gradients). `mask` from ChunkMask: never None, as the gathered
-    keys are in chunk order, not the sequence's."""
-    kv = gather(torch.stack([k, v]), 3, group)  # [2, B, heads, T, hd]
-    return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+@lru_cache(maxsize=16)
+def _in_order(seq_len: int, cp: int, device: torch.device) -> torch.Tensor:
+    """The permutation that puts all-gathered keys (chunk order) back in the sequence's order."""
+    return torch.argsort(gathered_index(seq_len, cp)).to(device)
+
+
+def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, group,
+                    cp: int, rank: int) -> torch.Tensor:
+    """Attention of this rank's queries [B, heads, T/N, hd] (chunks rank and 2N-1-rank) to every rank's keys and
+    values: one all-gather of K and V stacked (backward: one reduce-scatter of their gradients).
+
+    Without documents (mask None) each query chunk attends to the keys up to its own end, causal aligned to the
+    bottom right, so SDPA's causal kernels serve it (flash attention on a GPU) and no [T/N, T] mask exists. With
+    documents, one SDPA against the keys in chunk order under ChunkMask's mask."""
+    kv = gather(torch.stack([k, v]), 3, group)  # [2, B, heads, T, hd], rank 0's chunks, rank 1's, ...
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
+    T = kv.shape[3]
+    c = T // (2 * cp)
+    kv = kv.index_select(3, _in_order(T, cp, kv.device))
+    out = []
+    for chunk, end in zip(q.split(c, dim=2), ((rank + 1) * c, (2 * cp - rank) * c)):
+        out.append(F.scaled_dot_product_attention(chunk, kv[0, :, :, :end], kv[1, :, :, :end],
+                                                  attn_mask=causal_lower_right(c, end)))
+    # concatenated in SDPA's output layout, [B, T/N, heads, hd], so the caller's transpose back is free
+    return torch.cat([o.transpose(1, 2) for o in out], dim=1).transpose(1, 2)
 
 
 @dataclass(frozen=True)
 class ChunkMask:
-    """TokenFormer.mask_for under context parallelism: the additive mask [B or 1, 1, T/N, T] of this rank's queries
-    against the gathered keys, causal by global position and, given document ids [B, T] (whole: every key's
-    document), within each document. Equal for equal (cp, rank): a pipeline stage's blocks share one mask."""
+    """TokenFormer.mask_for under context parallelism, given document ids [B, T] (whole: every key's document): the
+    additive mask [B, 1, T/N, T] of this rank's queries against the gathered keys, causal by global position and
+    within each document. None without documents (attend_gathered's causal chunks need none). Equal for equal (cp,
+    rank): a pipeline stage's blocks share one mask."""
     cp: int
     rank: int
 
-    def __call__(self, doc_ids: torch.Tensor | None, seq_len: int, dtype: torch.dtype, device) -> torch.Tensor:
+    def __call__(self, doc_ids: torch.Tensor | None, seq_len: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        if doc_ids is None:
+            return None
         T = seq_len * self.cp  # seq_len: this rank's tokens
         q_index, k_index = chunk_index(T, self.cp, self.rank).to(device), gathered_index(T, self.cp).to(device)
-        if doc_ids is None:
-            return attention_mask(q_index, k_index, dtype=dtype)
         return attention_mask(q_index, k_index, doc_ids[:, q_index], doc_ids[:, k_index], dtype)
 
 
@@ -84,16 +109,28 @@ def token_weighted(loss_fn, group):
     return loss
 
 
+def cp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro_batches: int, cp: int, tp: int,
+                      act_bytes: int = 4, recompute: bool = False) -> int:
+    """Analytic bytes of the K/V exchange one rank takes part in per optimizer step, as full-tensor bytes per
+    collective (bench.comm's convention). T = tokens of a whole micro-batch (all CP ranks'), h = hidden:
+      per layer  forward: all-gather [2, T, h / TP] (K and V stacked); backward: reduce-scatter of the same
+                 = 4 T h / TP, and 6 T h / TP with activation checkpointing (the forward's gather again)"""
+    if cp == 1:
+        return 0
+    return num_layers * micro_batches * (3 if recompute else 2) * 2 * tokens_per_micro * hidden // tp * act_bytes
+
+
 def apply_context_parallel(module: nn.Module, group) -> None:
     """Every Attention inside `module` (a TokenFormer, or a pipeline stage's block) over the whole sequence's keys,
     and every mask_for (TokenFormer, pipeline blocks) this rank's chunks'. The loss: token_weighted, by the caller
     that owns it (build)."""
     if group is None or dist.get_world_size(group) == 1:
         return
-    mask_for = ChunkMask(dist.get_world_size(group), dist.get_rank(group))
+    cp, rank = dist.get_world_size(group), dist.get_rank(group)
+    mask_for = ChunkMask(cp, rank)
     for sub in module.modules():
         if isinstance(sub, Attention):
-            sub.attend = partial(attend_gathered, group=group)
+            sub.attend = partial(attend_gathered, group=group, cp=cp, rank=rank)
         if hasattr(sub, "mask_for"):
             sub.mask_for = mask_for
 
