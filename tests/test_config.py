@@ -110,3 +110,20 @@ def test_paper_configs_use_the_bundled_tokenizer():
     shared = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
     if shared.exists():  # the same file the tests use
         assert shared.read_bytes() == (REPO / "tokenizers" / "gpt-neox-20b" / "tokenizer.json").read_bytes()
+
+
+def test_long_context_config_is_the_1_5b_at_32k_on_its_layout():
+    """configs/tokenformer-1.5b-32k.yaml: tokenformer-1.5b's model at a 32,768-token context, on the layout its
+    comment derives (CP=4, no recomputation, micro-batch 1, 64 sequences a step), valid on one or two 8-GPU nodes
+    and refused where CP=4 does not divide the GPUs."""
+    from dataclasses import replace
+
+    long, base = load_config("configs/tokenformer-1.5b-32k.yaml"), load_config("configs/tokenformer-1.5b.yaml")
+    assert long.model == replace(base.model, seq_length=32768)
+    assert (long.parallel.cp, long.train.activation_checkpointing, long.train.micro_batch_size) == (4, False, 1)
+    assert long.train.global_batch_size * long.model.seq_length == base.train.global_batch_size * base.model.seq_length
+    for gpus in (8, 16):
+        validate(long, check_paths=False, check_env=False, world_size=gpus)
+        assert long.train.accum_steps(long.parallel.dp(gpus)) == 64 // (gpus // 4)
+    with pytest.raises(ConfigError, match="tp\\*pp\\*cp = 1\\*1\\*4 does not divide the world size 6"):
+        validate(long, check_paths=False, check_env=False, world_size=6)
