@@ -334,11 +334,10 @@ def test_old_tokens_frozen_or_slowed_after_growth(minipile, tmp_path):
     _same_steps(hh1, hh2)
 
 
-def test_old_tokens_rule_without_growth_is_a_clear_error(minipile, tmp_path):
+def test_old_tokens_rule_without_growth_is_a_clear_error(minipile, saved_run, tmp_path):
     from tests.test_training import _args
-    run_ranks(1, train, debug_overrides(minipile, tmp_path / "run", **{"train.steps": 1}))
     args = _args(debug_overrides(minipile, tmp_path / "run2", **{
-        "train.steps": 2, "train.old_tokens_lr_mult": 0, "checkpoint.load": str(tmp_path / "run" / "checkpoints")}))
+        "train.steps": 5, "train.old_tokens_lr_mult": 0, "checkpoint.load": str(saved_run[0] / "checkpoints")}))
     res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
                          cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 2, res.stderr

@@ -15,6 +15,7 @@ from tests.runs import train
 from tests.test_long_context import DOCUMENTS
 from tests.test_training import _args
 from tokenformer_mp.model import Pattention
+from tokenformer_mp.parallel.context_parallel import attend_chunks, chunk_index
 from tokenformer_mp.parallel.local import _free_port, run_ranks
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -73,9 +74,33 @@ GPU_LAYOUTS = {  # name: (GPUs, overrides), each over NCCL, one GPU per rank, th
     "tp2_sequence_parallel": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True}),
     "tp2_compile": (2, {"parallel.tp": 2, "train.compile": True}),
     "tp2_pp2": (4, {"parallel.tp": 2, "parallel.pp": 2}),
-    "cp2": (2, {"parallel.cp": 2}),  # K and V all-gathered over NCCL, SDPA with the chunks' mask
+    "cp2": (2, {"parallel.cp": 2}),  # K and V all-gathered over NCCL, flash attention on the causal chunks
     "cp2_tp2": (4, {"parallel.cp": 2, "parallel.tp": 2}),
 }
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_chunks_run_flash_attention_and_equal_full_attention(cp):
+    """Every CP rank's two query chunks (attend_chunks, bottom-right causal) in bf16 under SDPA restricted to flash
+    attention, so no mask exists: outputs and q gradients equal full causal attention's rows, and the k and v
+    gradients summed over the ranks equal full attention's, within 1e-2 of their scale (bf16)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T = 1024
+    q, k, v, grad = (torch.randn(2, 8, T, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4))
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    mine_k, mine_v = k.float().requires_grad_(), v.float().requires_grad_()  # the ranks' gradients summed in fp32
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        y = torch.nn.functional.scaled_dot_product_attention(*full, is_causal=True)
+        (y * grad).sum().backward()
+        for rank in range(cp):
+            idx = chunk_index(T, cp, rank).cuda()
+            mine_q = q[:, :, idx].clone().requires_grad_()
+            y_mine = attend_chunks(mine_q, mine_k.bfloat16(), mine_v.bfloat16(), cp, rank)
+            (y_mine * grad[:, :, idx]).sum().backward()
+            assert _rel(y_mine, y[:, :, idx]) < 1e-2
+            assert _rel(mine_q.grad, full[0].grad[:, :, idx]) < 1e-2
+    assert _rel(mine_k.grad, full[1].grad) < 1e-2 and _rel(mine_v.grad, full[2].grad) < 1e-2
 
 
 @pytest.mark.parametrize("name", list(GPU_LAYOUTS))

@@ -221,7 +221,7 @@ CP_LAYOUTS = {  # name: (world size, overrides), the baseline's global batch (te
     "cp2_tp2": (4, {"parallel.cp": 2, "parallel.tp": 2}),
     "cp2_pp2": (4, {"parallel.cp": 2, "parallel.pp": 2}),
     "cp2_dp2": (4, {"parallel.cp": 2, "train.grad_accum_steps": 1}),
-    "cp2_compiled": (2, {"parallel.cp": 2, "train.compile": True}),  # the gather and causal chunks traced
+    # with train.compile: tests/test_training.py's cp2_compile_checkpointing
 }
 
 

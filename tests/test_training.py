@@ -41,10 +41,12 @@ LAYOUTS = {  # name: (world size, overrides); all with the same global batch as 
     "tp2_fused_pattention": (2, {"parallel.tp": 2, "train.fused_pattention": True}),
     "tp2_recompute_pattention_gelu": (2, {"parallel.tp": 2, "train.recompute_pattention_gelu": True}),
     # train.compile: the Pattention options inside the compiled graph; activation recomputation calling it again,
-    # in the plain model and on pipeline stages; TP collectives traced into it, with and without sequence parallelism
+    # in the plain model (at CP=2: K and V gathered, the causal chunks) and on pipeline stages; TP collectives traced
+    # into it, with and without sequence parallelism
     "compile_fused_recompute_gelu": (1, {"train.compile": True, "train.fused_pattention": True,
                                          "train.recompute_pattention_gelu": True}),
-    "compile_checkpointing": (1, {"train.compile": True, "train.activation_checkpointing": True}),
+    "cp2_compile_checkpointing": (2, {"parallel.cp": 2, "train.compile": True,
+                                      "train.activation_checkpointing": True}),
     "tp2_pp2_compile_checkpointing": (4, {"parallel.tp": 2, "parallel.pp": 2, "train.compile": True,
                                           "train.activation_checkpointing": True}),
     "tp2_sequence_parallel_compile": (2, {"parallel.tp": 2, "parallel.sequence_parallel": True,

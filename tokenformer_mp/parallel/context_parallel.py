@@ -57,26 +57,27 @@ def _in_order(seq_len: int, cp: int, device: torch.device) -> torch.Tensor:
     return torch.argsort(gathered_index(seq_len, cp)).to(device)
 
 
+def attend_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: int, rank: int) -> torch.Tensor:
+    """Causal attention of CP rank `rank`'s queries [B, heads, T/N, hd] (chunks rank and 2N-1-rank of 2N) to keys
+    and values in the sequence's order [B, heads, T, hd]: each chunk to the keys up to its own end, causal aligned to
+    the bottom right, which SDPA's causal kernels serve (flash attention on a GPU) with no [T/N, T] mask."""
+    c = k.shape[2] // (2 * cp)
+    out = [F.scaled_dot_product_attention(chunk, k[:, :, :end], v[:, :, :end], attn_mask=causal_lower_right(c, end))
+           for chunk, end in zip(q.split(c, dim=2), ((rank + 1) * c, (2 * cp - rank) * c))]
+    # concatenated in SDPA's output layout, [B, T/N, heads, hd], so the caller's transpose back is free
+    return torch.cat([o.transpose(1, 2) for o in out], dim=1).transpose(1, 2)
+
+
 def attend_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, group,
                     cp: int, rank: int) -> torch.Tensor:
-    """Attention of this rank's queries [B, heads, T/N, hd] (chunks rank and 2N-1-rank) to every rank's keys and
-    values: one all-gather of K and V stacked (backward: one reduce-scatter of their gradients).
-
-    Without documents (mask None) each query chunk attends to the keys up to its own end, causal aligned to the
-    bottom right, so SDPA's causal kernels serve it (flash attention on a GPU) and no [T/N, T] mask exists. With
-    documents, one SDPA against the keys in chunk order under ChunkMask's mask."""
+    """Attention of this rank's queries [B, heads, T/N, hd] to every rank's keys and values: one all-gather of K and
+    V stacked (backward: one reduce-scatter of their gradients). Without documents (mask None) attend_chunks on them
+    in the sequence's order; with documents one SDPA against them in chunk order under ChunkMask's mask."""
     kv = gather(torch.stack([k, v]), 3, group)  # [2, B, heads, T, hd], rank 0's chunks, rank 1's, ...
     if mask is not None:
         return F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask)
-    T = kv.shape[3]
-    c = T // (2 * cp)
-    kv = kv.index_select(3, _in_order(T, cp, kv.device))
-    out = []
-    for chunk, end in zip(q.split(c, dim=2), ((rank + 1) * c, (2 * cp - rank) * c)):
-        out.append(F.scaled_dot_product_attention(chunk, kv[0, :, :, :end], kv[1, :, :, :end],
-                                                  attn_mask=causal_lower_right(c, end)))
-    # concatenated in SDPA's output layout, [B, T/N, heads, hd], so the caller's transpose back is free
-    return torch.cat([o.transpose(1, 2) for o in out], dim=1).transpose(1, 2)
+    kv = kv.index_select(3, _in_order(kv.shape[3], cp, kv.device))
+    return attend_chunks(q, kv[0], kv[1], cp, rank)
 
 
 @dataclass(frozen=True)
