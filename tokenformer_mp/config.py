@@ -196,6 +196,12 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def inputs_carry_positions(self) -> bool:
+        """Whether a micro-batch's inputs carry each token's position (data.batches.Packing), and pipeline stages
+        pass them on: positions restarting per document, documents kept apart, or the sequence split over CP."""
+        d = self.data
+        return d.reset_position_ids or d.reset_attention_mask or self.parallel.cp > 1
+
 
 # --- building from dicts, with strict keys and types -------------------------------------------------------------
 

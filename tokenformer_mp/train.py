@@ -201,7 +201,7 @@ class Trainer:
                                       cfg.data.reset_position_ids, cfg.data.eod_mask_loss)
         train_ds, valid_ds = datasets[0], datasets[1]
         lay, d = self.layout, cfg.data
-        packing = Packing(positions=d.reset_position_ids or d.reset_attention_mask or lay.cp > 1,
+        packing = Packing(positions=cfg.inputs_carry_positions(),
                           eod=self.tokenizer.eod if d.reset_attention_mask else None,
                           chunk=chunk_index(cfg.model.seq_length, lay.cp, lay.cp_rank) if lay.cp > 1 else None)
         self.train_batches = Batches(train_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device,

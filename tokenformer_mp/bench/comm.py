@@ -126,9 +126,8 @@ def rank_bytes_per_step(cfg, dp: int, stage: int, stage_layers: int, params: int
         if partitioned:
             out["tp"] += ((not first) + 2 * (not last)) * M * b * h * e
         message = b * h * e // par.tp + (7 + par.tp) * 8 * partitioned if par.tp > 1 else b * h * e
-        d = cfg.data
-        extra = (d.reset_position_ids or d.reset_attention_mask or cp > 1) * b * 8
-        extra += d.reset_attention_mask * t.micro_batch_size * m.seq_length * 8
+        extra = cfg.inputs_carry_positions() * b * 8
+        extra += cfg.data.reset_attention_mask * t.micro_batch_size * m.seq_length * 8
         out["p2p"] = M * (2 * message + extra) * ((not first) + (not last))
         out["tied"] = (first or last) * m.vocab_size // par.tp * h * 4
         out["loss"] = 2 * 4

@@ -154,16 +154,13 @@ def long_context_fit(cfg: ModelConfig, contexts, gpu_gb: float = 80.0, gpus: int
     return rows
 
 
-def gpu_activation_peak(cfg: ModelConfig, recompute: str) -> dict:
-    """One bf16 forward and backward of micro-batch 1 on the GPU: the peak allocated beyond the weights and their
-    gradients, against long_context_fit's activations (saved and transient) for the same context at CP=1."""
+def gpu_activation_peak(cfg: ModelConfig, recompute: str) -> int:
+    """One bf16 forward and backward of micro-batch 1 on the GPU: the peak bytes allocated beyond the weights and
+    their gradients, what long_context_fit's activations (saved and transient) predict at CP=1."""
     model = build_model(cfg, 0).to("cuda", torch.bfloat16)
     model.activation_checkpointing = recompute == "blocks"
     tokens = torch.randint(0, cfg.vocab_size, (1, cfg.seq_length), device="cuda")
     weights = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     model(tokens, tokens).backward()
-    measured = torch.cuda.max_memory_allocated() - 2 * weights  # the gradients: as many bytes as the weights
-    predicted = next(r for r in long_context_fit(cfg, (cfg.seq_length,), cps=(1,)) if r["recompute"] == recompute)
-    return {"context": cfg.seq_length, "cp": 1, "recompute": recompute, "activations_gb": predicted["activations_gb"],
-            "measured_gb": measured / 1e9, "error": measured / 1e9 / predicted["activations_gb"] - 1}
+    return torch.cuda.max_memory_allocated() - 2 * weights  # the gradients: as many bytes as the weights
