@@ -26,6 +26,26 @@ def minipile(tmp_path_factory) -> dict:
     return {"prefix": str(out / "tiny_text_document"), "tokenizer": str(model)}
 
 
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory) -> dict:
+    """The repository's own sample (data/sample/val.jsonl.zst: 44 documents, 0.5M characters, some 150k tokens): a 1k
+    SentencePiece tokenizer trained on it, and it as an indexed dataset. Needs nothing outside the repository (the GPU
+    check runs on nodes without ../shared); built in seconds."""
+    from tokenformer_mp.data.preprocess import preprocess
+    from tokenformer_mp.data.train_tokenizer import train_tokenizer
+
+    # TOKENFORMER_SAMPLE_DIR: built once for every pytest process of a GPU check, not once each
+    given = os.environ.get("TOKENFORMER_SAMPLE_DIR")
+    out = Path(given) if given else tmp_path_factory.mktemp("sample")
+    text, data = str(REPO / "data" / "sample" / "val.jsonl.zst"), {"prefix": str(out / "sample_text_document"),
+                                                                    "tokenizer": str(out / "sp.model")}
+    if not (os.path.exists(data["tokenizer"]) and os.path.exists(data["prefix"] + ".idx")):
+        train_tokenizer([text], str(out / "sp"), 1000, overwrite=True)
+        preprocess([text], str(out / "sample"), "SentencePieceTokenizer", data["tokenizer"], append_eod=True,
+                   workers=1, overwrite=True, progress=False)
+    return data
+
+
 def debug_overrides(data: dict, run_dir, **kw) -> dict:
     """The debug config on minipile, small enough for several ranks on two cores. On the CPU even where a GPU is
     present: layouts are compared in fp32 over gloo (tests/test_gpu.py covers the GPU path)."""

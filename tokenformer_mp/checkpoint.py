@@ -15,7 +15,6 @@ tensor, one segment per tensor).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from .fileio import write_atomic
 from .store import Store, StoreError, entry_name, segments_of, table, write_shard
 
 log = logging.getLogger("tokenformer_mp")
@@ -61,23 +61,6 @@ def read_latest(ckpt_dir: str) -> str | None:
         return None
     with open(path, "rb") as f:
         return f.read(4096).decode("utf-8", errors="replace").strip()  # garbage stays garbage, not a traceback
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_json(path: str, what: str) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from . import versions
 from .data.indexed import check_indexed_dataset
 from .tokenizer import build_tokenizer
 
@@ -504,6 +505,10 @@ def _check_env(cfg: Config) -> None:
     """This machine can run the config, and run_dir can be written: before any process group or allocation."""
     import torch  # here, not at the top: the config module stays importable in 0.07 s (tools, workers)
 
+    try:
+        versions.check(torch.__version__)
+    except versions.UnsupportedVersion as e:
+        raise ConfigError(str(e)) from None
     t = cfg.train
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device: cuda, but no CUDA device is visible (CUDA_VISIBLE_DEVICES="

@@ -2,15 +2,14 @@
 checkpoint -> one safetensors file plus a JSON config for inference."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 
 import torch
 
-from .checkpoint import load_weights, model_config_of, write_atomic, write_layout_free
+from .checkpoint import load_weights, model_config_of, write_layout_free
+from .fileio import atomic_dir, write_atomic
 from .config import Config, ConfigError, DataConfig, ModelConfig, validate
 
 # GPT-NeoX pipeline names (sequential.0 = embedding, 2..L+1 = layers, L+3 = final norm) -> ours, as one table.
@@ -169,22 +168,6 @@ def ours_to_neox(name: str, num_layers: int) -> str:
         return f"sequential.{num_layers + 3}.norm.{name.split('.')[1]}"
     _, i, rest = name.split(".", 2)
     return f"sequential.{int(i) + 2}.{NEOX_LAYER_INVERSE[rest]}"
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str):
-    """Yield a temporary directory that replaces out_dir once the block completes: never a half-written export."""
-    partial = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    try:
-        yield partial
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(partial, out_dir)
 
 
 def export_neox(ckpt: str, out_dir: str) -> str:

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         summary[name]["loss_before_growth"] = h_small[-1]["loss"]
         summary[name]["loss_first_step_after"] = first_after["loss"]
         summary[name]["val_before_growth"] = pre
-    from tokenformer_mp.checkpoint import write_atomic
+    from tokenformer_mp.fileio import write_atomic
     write_atomic(f"{out}/results.json", json.dumps({"summary": summary, "args": vars(args), "runs": results}, indent=1))
 
     plot(results, args.steps_small, f_small, small, args.factor, out)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import statistics
 import tempfile
 
+import torch
+
 from ..config import load_config
 from ..parallel.local import run_ranks
 
@@ -40,7 +42,9 @@ def _rank_run(config: str, overrides: dict) -> dict:
            "all_bytes": sum(v for (op, ranks), v in counts.items() if len(ranks) > 1),
            "tp_rank": ps.get_tensor_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank(),
            "flops_per_token": trainer.flops_per_token, "peak": trainer.matmul_peak.summary(),
-           "datasheet_peak": trainer.datasheet_peak}
+           "datasheet_peak": trainer.datasheet_peak,
+           "peak_memory_gb": torch.cuda.max_memory_allocated(trainer.device) / 1e9
+           if trainer.device.type == "cuda" else None}
     dist.barrier()
     dist.destroy_process_group()
     ps.destroy_model_parallel()
@@ -80,6 +84,7 @@ def measure(config: str, overrides: dict, world: int = 1, warmup: int = 2) -> di
             "step_time_s": statistics.median(h["step_time_s"] for h in hist),
             "tokens_per_s": statistics.median(h["tokens_per_s"] for h in hist),
             **_mfu(statistics.median(h["tokens_per_s"] for h in hist), results),
+            "peak_memory_gb": max((r["peak_memory_gb"] or 0) for r in results) or None,
             "tp_bytes_per_step": sum(r["tp_bytes"] for r in one_per_stage),
             "tp_bytes_analytic": sum(r["analytic"]["tp"] for r in one_per_stage) if modelled else None,
             "cp_bytes_per_step": sum(r["cp_bytes"] for r in one_per_stage),

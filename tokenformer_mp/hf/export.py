@@ -15,7 +15,7 @@ from tokenizers.models import BPE
 from transformers import PreTrainedTokenizerFast
 
 from ..config import ModelConfig
-from ..convert import atomic_dir
+from ..fileio import atomic_dir
 from ..inference import DTYPES, load_model, tokenizer_for
 from ..tokenizer import HFTokenizer, Tokenizer
 from . import hf_config_dict

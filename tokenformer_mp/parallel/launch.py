@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator, set_accelerator
+from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
 
 from ..config import ConfigError
 
@@ -139,6 +142,16 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def select_accelerator(device: torch.device) -> None:
+    """DeepSpeed's accelerator for the device the config chose. DeepSpeed picks CUDA by itself wherever a GPU is
+    visible: train.device cpu on a GPU host would have the engine move the module to cuda:LOCAL_RANK and start NCCL
+    while the batches stay on the CPU. Set before any process group or engine; DS_ACCELERATOR for child processes."""
+    name = "cuda" if device.type == "cuda" else "cpu"
+    if get_accelerator()._name != name:
+        set_accelerator(CUDA_Accelerator() if name == "cuda" else CPU_Accelerator())
+    os.environ["DS_ACCELERATOR"] = name
+
+
 def launch_variables(le: LaunchEnv, device: torch.device, env: dict[str, str] | None = None) -> dict[str, str]:
     """The standard variables to export before any library starts. DeepSpeed takes the GPU index from LOCAL_RANK in
     three places (init_process_group's device_id, the engine's set_device, PipelineModule.to), so on a GPU LOCAL_RANK
@@ -176,6 +189,7 @@ def hold_freed_host_memory() -> bool:
 def init_distributed(le: LaunchEnv, device: torch.device, timeout_s: int = 600) -> None:
     """Export the launch (launch_variables) and start the default process group (NCCL on GPU, gloo on CPU)."""
     os.environ.update(launch_variables(le, device))
+    select_accelerator(device)
     if device.type == "cpu":
         if "OMP_NUM_THREADS" not in os.environ:
             # Ranks sharing a machine share its cores: one BLAS pool each of cores/ranks, not cores each.

@@ -20,7 +20,17 @@ def _free_port() -> int:
 
 # Ranks fork from one server process that imported the trainer's libraries once: megatron-core alone takes 5-7 s to
 # import, which every spawned rank paid again (tests start a few hundred); a forked rank starts in 0.05 s.
-_PRELOAD = ["deepspeed", "megatron.core.parallel_state", "tokenformer_mp.train"]
+# The preload must never ask CUDA anything: once a process has (torch.cuda.is_available() included), a child forked
+# from it cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess"). DeepSpeed's import asks (its accelerator
+# detection), so where torch is built with CUDA every rank imports DeepSpeed itself; a CPU-only torch has no CUDA to
+# spoil, and DeepSpeed is preloaded there too (tests/test_launch.py checks the CUDA-free part with CUDA made to fail).
+PRELOAD_CUDA_FREE = ["megatron.core.parallel_state", "tokenformer_mp.train"]
+
+
+def preload_modules(cuda_built: bool | None = None) -> list[str]:
+    """What the rank server imports before forking: DeepSpeed too only where torch has no CUDA."""
+    cuda_built = torch.backends.cuda.is_built() if cuda_built is None else cuda_built
+    return PRELOAD_CUDA_FREE + ([] if cuda_built else ["deepspeed"])
 
 
 def _worker(rank, world, port, fn, args, queue, env):
@@ -38,7 +48,7 @@ def _worker(rank, world, port, fn, args, queue, env):
 
 def run_ranks(world: int, fn, *args, timeout: float = 300.0) -> list:
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
+    ctx.set_forkserver_preload(preload_modules())
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, dict(os.environ))) for r in range(world)]
