@@ -233,8 +233,9 @@ def test_info_cli_prints_json():
                          capture_output=True, text=True, check=True)
     info = json.loads(out.stdout)
     assert info["params"] == 151881216 and info["non_embedding_params"] == 113246208
-    # Table 3: 3 x (2N + 2 V d + 4 L d T)
+    # Table 3: 3 x (2N + 2 V d + 4 L d T); MFU's count: attention causal, half its T^2 work (2 L d T)
     assert info["flops_per_token"] == 3 * (2 * 113246208 + 2 * 50304 * 768 + 4 * 12 * 768 * 2048)
+    assert info["flops_per_token_causal"] == 3 * (2 * 113246208 + 2 * 50304 * 768 + 2 * 12 * 768 * 2048)
 
 
 def test_model_loss_is_near_uniform_at_init():
