@@ -654,3 +654,51 @@ def test_async_save_resumes_exactly(minipile, tmp_path):
     complete, partial = scan(str(tmp_path / "async" / "checkpoints"))
     assert [tag for _, tag, _ in complete] == [f"global_step{s}" for s in (1, 2, 3, 4)] and not partial
     assert read_latest(str(tmp_path / "async" / "checkpoints")) == "global_step4"
+
+
+def _host_buffers_of_saves(overrides: dict) -> list:
+    """Host buffers alive (and the saver's count of their bytes) after a synchronous save, while an async save is in
+    flight, and after it is finished."""
+    import gc
+    import weakref
+
+    from tokenformer_mp import checkpoint
+    from tokenformer_mp.config import load_config
+    from tokenformer_mp.model import count_params
+    from tokenformer_mp.train import Trainer, shutdown
+    buffers, copy = [], checkpoint._host_copy
+
+    def recorded(items):
+        out = copy(items)
+        buffers.extend(weakref.ref(t) for *_, t in out)
+        return out
+
+    checkpoint._host_copy = recorded
+    cfg = load_config("configs/debug.yaml", overrides)
+    trainer = Trainer(cfg)
+    saver, out = trainer.saver, [count_params(cfg.model)["params"]]
+
+    def alive():
+        gc.collect()
+        return sum(ref() is not None for ref in buffers), len(buffers), saver.host_bytes()
+
+    trainer.fit()  # one step, saved synchronously at the end
+    out.append(alive())
+    saver.async_save, trainer.step = True, trainer.step + 1
+    saver.save(trainer.step)
+    out.append(alive())
+    saver.finish()
+    out.append(alive())
+    shutdown()
+    return out
+
+
+def test_checkpoint_host_buffers_live_only_while_a_save_is_in_flight(minipile, tmp_path):
+    """The host copy of a rank's state (12 bytes a parameter at DP=1: weights and Adam's two moments in fp32) is
+    released when a synchronous save returns and when an async one is finalized, not kept for the next save."""
+    params, after_sync, in_flight, after_async = run_ranks(1, _host_buffers_of_saves, debug_overrides(
+        minipile, tmp_path, **{"train.steps": 1}))[0]
+    n = in_flight[1] // 2  # buffers a save makes: both saves copy the same segments
+    assert n > 0 and after_sync == (0, n, 0)
+    assert in_flight == (n, 2 * n, 12 * params)
+    assert after_async == (0, 2 * n, 0)

@@ -127,3 +127,33 @@ def test_long_context_config_is_the_1_5b_at_32k_on_its_layout():
         assert long.train.accum_steps(long.parallel.dp(gpus)) == 64 // (gpus // 4)
     with pytest.raises(ConfigError, match="tp\\*pp\\*cp = 1\\*1\\*4 does not divide the world size 6"):
         validate(long, check_paths=False, check_env=False, world_size=6)
+
+
+def test_bf16_zero1_refuses_bucket_options_only_where_precision_is_bf16(monkeypatch, tmp_path):
+    """DeepSpeed's ZeRO-1 in bf16 (BF16_Optimizer) ignores overlap_comm and reduce_bucket_size: refused where the
+    precision is bf16, train.precision auto included on a GPU, accepted in fp32 and at ZeRO-2. No shipped config
+    trips it on a GPU."""
+    import glob
+
+    import torch
+    from tests.conftest import REPO
+
+    def check(config="configs/tokenformer-150m.yaml", **overrides):
+        validate(load_config(config, {"run_dir": str(tmp_path), **overrides}), check_paths=False, check_env=True)
+
+    overlap = {"parallel.overlap_grad_reduce": True}
+    for gpu in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        if gpu:
+            with pytest.raises(ConfigError, match=r"^parallel\.overlap_grad_reduce: has no effect in bf16"):
+                check(**overlap)
+        else:
+            check(**overlap)  # auto is fp32 on a CPU
+        check(**overlap, **{"train.precision": "fp32"})
+        check(**overlap, **{"parallel.zero_stage": 2, "train.precision": "bf16"})
+        with pytest.raises(ConfigError, match=r"^parallel\.grad_bucket_size: has no effect in bf16"):
+            check(**{"parallel.grad_bucket_size": 10**6, "train.precision": "bf16"})
+        configs = glob.glob(str(REPO / "configs" / "*.yaml"))
+        assert len(configs) >= 10
+        for config in configs:
+            check(config)

@@ -109,6 +109,33 @@ def test_mpich_ranks_come_from_the_environment():
     assert (le.launcher, le.rank, le.world_size, le.local_rank) == ("mpirun", 2, 4, 2)
 
 
+# mpirun/mpiexec in an allocation: 2 nodes x 4 ranks; each node's daemon is task <node> of a 2-task srun step, and
+# the ranks it starts inherit that step's SLURM_*.
+_DAEMON = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "0", "SLURM_STEP_NODELIST": "n[1-2]", **NODE}
+
+
+@pytest.mark.parametrize("mpi", [
+    lambda rank: {"OMPI_COMM_WORLD_RANK": str(rank), "OMPI_COMM_WORLD_SIZE": "8",
+                  "OMPI_COMM_WORLD_LOCAL_RANK": str(rank % 4)},
+    lambda rank: {"PMI_RANK": str(rank), "PMI_SIZE": "8", "MPI_LOCALRANKID": str(rank % 4)}], ids=["ompi", "hydra"])
+def test_mpirun_inside_a_slurm_allocation_takes_the_mpi_ranks(mpi):
+    """Every rank, the first of each node included (its SLURM_PROCID equals its MPI rank on node 0), takes its rank
+    and the world of 8 from the MPI launcher, not the daemon's node index and node count."""
+    got = [discover({"SLURM_PROCID": str(rank // 4), **_DAEMON, **mpi(rank)}, mpi_world=_no_mpi)
+           for rank in range(8)]
+    assert [(le.launcher, le.rank, le.world_size, le.local_rank) for le in got] == \
+        [("mpirun", rank, 8, rank % 4) for rank in range(8)]
+
+
+@pytest.mark.parametrize("mpi", ["PMIX_RANK", "PMI_RANK"])
+def test_srun_with_an_mpi_plugin_stays_srun(mpi):
+    """srun --mpi=pmix (or pmi2) sets the MPI rank beside SLURM_PROCID, equal on every task: still srun."""
+    got = [discover({"SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": str(rank % 4),
+                     mpi: str(rank), **NODE}) for rank in range(8)]
+    assert [(le.launcher, le.rank, le.world_size, le.local_rank) for le in got] == \
+        [("srun", rank, 8, rank % 4) for rank in range(8)]
+
+
 @pytest.mark.parametrize("env", [{"PMI_RANK": "2", "PMI_SIZE": "4"}, {"PMIX_RANK": "2"}])
 def test_mpi4py_that_disagrees_with_the_launcher_is_refused(env):
     """mpi4py built against another MPI starts every process as rank 0 of 1 (a singleton): N runs would each think

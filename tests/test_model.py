@@ -127,6 +127,48 @@ def test_compiled_pattention_kernels_in_bf16_track_eager():
         assert ((f.float() - e.float()).norm() / e.float().norm()).item() < 1e-2
 
 
+def test_compiled_kernels_are_specialised_to_each_width():
+    """Two Pattention widths (a second kind, an uneven TP shard) get a static graph each: under dynamic=None the
+    second would be one graph with symbolic sizes (looped reductions). Each graph, as the backend receives it."""
+    from tokenformer_mp import kernels
+    graphs = []
+
+    def record(gm, example_inputs):
+        values = [n.meta["example_value"] for n in gm.graph.nodes if n.op == "placeholder"]
+        graphs.append([tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in values])  # a size: a SymInt
+        return gm.forward
+
+    kernel = kernels._compile(lambda z, tau, eps: kernels._forward_local.__wrapped__(z, tau, eps), backend=record)
+    for width in (96, 40, 96, 40):
+        kernel(torch.randn(2, 5, width), width ** 0.5, 1e-6)
+    assert graphs == [[(2, 5, 96)], [(2, 5, 40)]]
+    assert all(type(d) is int for g in graphs for shape in g for d in shape)
+
+
+def test_a_kernel_that_cannot_compile_runs_eager_with_one_warning(monkeypatch, caplog):
+    """No Triton (or no C++ compiler on a CPU): every kernel falls back to its eager code, the same outputs, and the
+    run says so once."""
+    import torch._inductor.compile_fx
+    from tokenformer_mp import kernels
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Cannot find a working triton installation")
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", broken)
+    monkeypatch.setattr(kernels, "_eager", False)
+    z, grad = torch.randn(3, 7, 53), torch.randn(3, 7, 53)  # a width no other test compiles
+    with caplog.at_level("WARNING", logger="tokenformer_mp.kernels"):
+        got = kernels.forward(z, 53 ** 0.5, 1e-6, None, sharded=False)
+        got_grad = kernels.backward(grad, z, *got[1:], 53 ** 0.5, 1e-6, None, sharded=False)
+    want = kernels._forward_local.__wrapped__(z, 53 ** 0.5, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert torch.equal(got_grad, kernels._backward_local.__wrapped__(grad, z, *want[1:], 53 ** 0.5, 1e-6))
+    assert kernels._eager
+    warned = [r.getMessage() for r in caplog.records if r.name == "tokenformer_mp.kernels"]
+    assert len(warned) == 1 and warned[0].startswith("train.fused_pattention: compiling the Pattention kernels failed")
+    assert warned[0].endswith("RuntimeError: Cannot find a working triton installation"), warned
+
+
 def test_zero_score_row_is_zero_not_nan():
     p = Pattention(8, 4, 16)
     out = p(torch.zeros(2, 8))
@@ -191,8 +233,9 @@ def test_info_cli_prints_json():
                          capture_output=True, text=True, check=True)
     info = json.loads(out.stdout)
     assert info["params"] == 151881216 and info["non_embedding_params"] == 113246208
-    # Table 3: 3 x (2N + 2 V d + 4 L d T)
+    # Table 3: 3 x (2N + 2 V d + 4 L d T); MFU's count: attention causal, half its T^2 work (2 L d T)
     assert info["flops_per_token"] == 3 * (2 * 113246208 + 2 * 50304 * 768 + 4 * 12 * 768 * 2048)
+    assert info["flops_per_token_causal"] == 3 * (2 * 113246208 + 2 * 50304 * 768 + 2 * 12 * 768 * 2048)
 
 
 def test_model_loss_is_near_uniform_at_init():

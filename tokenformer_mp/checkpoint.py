@@ -286,25 +286,18 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 # --- saving: every rank its own shard, in parallel, optionally in the background -------------------------------
 
-class _HostCopy:
-    """Host buffers for a rank's state, reused from save to save; pinned when the state is on a GPU, so the copy
-    runs at full bandwidth and is all the training loop waits for under async_save."""
-
-    def __init__(self):
-        self.buffers: dict[tuple, torch.Tensor] = {}
-
-    def __call__(self, items: list[tuple[str, str, int, torch.Tensor]]) -> list[tuple[str, str, int, torch.Tensor]]:
-        out = []
-        for name, key, start, t in items:
-            buf = self.buffers.get((name, key, start))
-            if buf is None or buf.numel() != t.numel():
-                buf = torch.empty(t.numel(), dtype=torch.float32, pin_memory=t.is_cuda)
-                self.buffers[(name, key, start)] = buf
-            buf.copy_(t.detach().view(-1), non_blocking=t.is_cuda)
-            out.append((name, key, start, buf))
-        if any(t.is_cuda for *_, t in items):
-            torch.cuda.synchronize()
-        return out
+def _host_copy(items: list[tuple[str, str, int, torch.Tensor]]) -> list[tuple[str, str, int, torch.Tensor]]:
+    """A rank's state copied to fresh host buffers (fp32; about 12 bytes a parameter of its share: weights, Adam's
+    two moments), pinned when the state is on a GPU, so the copy runs at full bandwidth and is all the training loop
+    waits for under async_save. Held by the save's job only, so they go when the save is finalized."""
+    out = []
+    for name, key, start, t in items:
+        buf = torch.empty(t.numel(), dtype=torch.float32, pin_memory=t.is_cuda)
+        buf.copy_(t.detach().view(-1), non_blocking=t.is_cuda)
+        out.append((name, key, start, buf))
+    if any(t.is_cuda for *_, t in items):
+        torch.cuda.synchronize()
+    return out
 
 
 class _ShardJob:
@@ -348,7 +341,6 @@ class Saver:
 
     def __init__(self, trainer, ckpt_dir: str, keep_last: int, async_save: bool):
         self.trainer, self.ckpt_dir, self.keep_last, self.async_save = trainer, ckpt_dir, keep_last, async_save
-        self.host_copy = _HostCopy()
         self.pending: tuple[_ShardJob, dict] | None = None
         self.last = {}  # timings and bytes of the last finalized save, this rank (the checkpoint_io benchmark)
 
@@ -362,7 +354,7 @@ class Saver:
                 shutil.rmtree(tag_dir)
             os.makedirs(os.path.join(tag_dir, "shards"))
         dist.barrier()
-        job = _ShardJob(tag_dir, dist.get_rank(), self.host_copy(owned_segments(self.trainer)), _rng_state())
+        job = _ShardJob(tag_dir, dist.get_rank(), _host_copy(owned_segments(self.trainer)), _rng_state())
         meta = self._meta(step)
         if self.async_save:
             job.start()
@@ -379,6 +371,10 @@ class Saver:
         shapes = {name: list(getattr(p, "full_shape", None) or p.shape) for name, p in canonical_params(tr)}
         return {"step": step, "tag": tag_for(step), "shapes": shapes, "optimizer_step": optimizer_step(tr),
                 "engine": engine_state(tr)}
+
+    def host_bytes(self) -> int:
+        """Host memory this rank's save in flight holds (0 between saves)."""
+        return 0 if self.pending is None else sum(t.numel() * t.element_size() for *_, t in self.pending[0].items)
 
     def local_done(self) -> bool:
         return self.pending is None or self.pending[0].done()
@@ -399,6 +395,7 @@ class Saver:
         `latest`, then prunes. A rank whose shard failed fails the save on every rank; `latest` stays."""
         job, meta = self.pending
         self.pending = None
+        pinned = any(t.is_pinned() for *_, t in job.items)
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, {"error": job.error, "result": job.result, "shapes": meta["shapes"]})
         errors = [f"rank {r}: {p['error']}" for r, p in enumerate(parts) if p["error"]]
@@ -425,6 +422,9 @@ class Saver:
             prune(self.ckpt_dir, self.keep_last)
         dist.barrier()
         self.last.update(written_bytes=sum(t.numel() * 4 for *_, t in job.items), write_s=job.seconds)
+        del job
+        if pinned:  # the caching host allocator would keep the freed pinned blocks for the life of the run
+            torch.accelerator.empty_host_cache()
 
 
 # --- loading into a live engine ----------------------------------------------------------------------------------

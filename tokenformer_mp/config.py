@@ -435,6 +435,8 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
     need(not (p.pp > 1 and p.zero_stage > 1), "parallel.zero_stage",
          "ZeRO-2 is refused by DeepSpeed's pipeline engine: use zero_stage 1 with parallel.pp > 1")
     need(p.grad_bucket_size is None or p.grad_bucket_size > 0, "parallel.grad_bucket_size", "must be positive")
+    if t.precision == "bf16":
+        _check_bf16_grad_reduce(p)
     need(p.timeout_s > 0, "parallel.timeout_s", "must be a positive number of seconds")
     need(p.grad_reduce_dtype in ("fp32", "bf16"), "parallel.grad_reduce_dtype", f"{p.grad_reduce_dtype!r}: fp32 or bf16")
     need(p.pp <= m.num_layers, "parallel.pp", f"{p.pp} stages for {m.num_layers} layers")
@@ -501,6 +503,21 @@ def _split_shares(split: str) -> list[float] | None:
     return shares if ok else None
 
 
+def _check_bf16_grad_reduce(p: ParallelConfig) -> None:
+    """Under bf16 (fp32 gradient accumulation) DeepSpeed's ZeRO-1 is its BF16_Optimizer, which takes neither
+    overlap_comm nor reduce_bucket_size: the plain engine's allreduce_gradients and the pipeline engine's
+    _bf16_reduce_grads both reduce after backward in fixed 5e8-element buckets. ZeRO-2 reads both."""
+    key = next((k for k, v in (("overlap_grad_reduce", p.overlap_grad_reduce),
+                               ("grad_bucket_size", p.grad_bucket_size is not None)) if v), None)
+    if key is None or p.zero_stage != 1:
+        return
+    alternative = ("with parallel.pp > 1 ZeRO-2 is refused, so leave it unset or train in fp32" if p.pp > 1 else
+                   "use parallel.zero_stage 2, which overlaps the reduction in grad_bucket_size buckets")
+    raise ConfigError(f"parallel.{key}: has no effect in bf16 (train.precision bf16, or auto on a GPU) at parallel.zero_stage 1 (DeepSpeed's BF16_Optimizer, "
+                      f"plain and pipeline engine alike, reduces the gradients after backward in fixed 5e8-element "
+                      f"buckets): {alternative}")
+
+
 def _check_env(cfg: Config) -> None:
     """This machine can run the config, and run_dir can be written: before any process group or allocation."""
     import torch  # here, not at the top: the config module stays importable in 0.07 s (tools, workers)
@@ -517,6 +534,8 @@ def _check_env(cfg: Config) -> None:
     if t.precision == "fp16" and not on_gpu:
         raise ConfigError("train.precision: fp16 needs a GPU (DeepSpeed's loss-scaled fp16 optimizer); on a CPU use "
                           "fp32 or bf16 (or auto)")
+    if t.precision == "auto" and on_gpu:  # bf16 here (train.resolve_precision)
+        _check_bf16_grad_reduce(cfg.parallel)
     _check_writable_dir("run_dir", cfg.run_dir)
     if cfg.data.cache_dir is not None:
         _check_writable_dir("data.cache_dir", cfg.data.cache_dir)

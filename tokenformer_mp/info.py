@@ -13,7 +13,8 @@ def model_info(cfg) -> dict:
     m = cfg.model
     if m.vocab_size is None:
         raise ConfigError("model.vocab_size: needed to count parameters (set it, e.g. 50304 for the GPT-NeoX tokenizer)")
-    return {**count_params(m), "flops_per_token": flops_per_token(m), "num_layers": m.num_layers,
+    return {**count_params(m), "flops_per_token": flops_per_token(m),
+            "flops_per_token_causal": flops_per_token(m, causal=True), "num_layers": m.num_layers,
             "hidden_size": m.hidden_size, "tokens": {k: m.tokens(k) for k in ("qkv", "proj", "ffn")},
             "seq_length": m.seq_length, "vocab_size": m.vocab_size}
 

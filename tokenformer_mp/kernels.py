@@ -12,11 +12,40 @@ own vectorised GELU beats inductor's code, so eager stays the default there (REA
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 _gelu_backward = torch.ops.aten.gelu_backward
-_compile = torch.compile(fullgraph=True, dynamic=None)
+# Static shapes: a kernel specialised to each width. dynamic=None would turn the second width it meets (another
+# Pattention kind, an uneven TP shard) into one dynamic kernel with looped two-pass reductions. A model meets at most
+# 6 widths (qkv, proj and ffn tokens per TP shard, two shard sizes each where uneven) in one or two dtypes and
+# micro-batch shapes: 32 compilations per kernel leave room for that (torch's default limit is 8).
+RECOMPILE_LIMIT = 32
+_eager = False  # set when a compilation fails (no Triton, no C++ compiler): every kernel runs eager from then on
+
+
+def _compile(fn, backend="inductor"):
+    """fn compiled for static shapes, falling back to eager (with one warning for all kernels) where it cannot be."""
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, recompile_limit=RECOMPILE_LIMIT)
+
+    @functools.wraps(fn)
+    def run(*args):
+        global _eager
+        if not _eager and not torch.compiler.is_compiling():  # inside train.compile's graph: traced as eager code
+            try:
+                return compiled(*args)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # inductor's errors included (InductorError)
+                _eager = True
+                cause = getattr(e, "inner_exception", e)
+                log.warning("train.fused_pattention: compiling the Pattention kernels failed, running them eager "
+                            "(same maths, more memory passes): %s: %s", type(cause).__name__,
+                            str(cause).split("\n")[0])
+        return fn(*args)
+    return run
 
 
 def _gelu_of(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

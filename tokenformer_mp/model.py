@@ -519,9 +519,13 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
             "embedding_params": embedding}
 
 
-def flops_per_token(cfg: ModelConfig, seq_length: int | None = None) -> int:
-    """Training FLOPs per token = 3 x forward (Table 3): 2N + 2 n_vocab d_model + 4 n_layer d_token T."""
+def flops_per_token(cfg: ModelConfig, seq_length: int | None = None, *, causal: bool = False) -> int:
+    """Training FLOPs per token = 3 x forward (Table 3): 2N + 2 n_vocab d_model + 4 n_layer d_token T.
+
+    Table 3 counts attention's QK^T and AV over all T keys, as if not causal; `causal` counts the half a causal
+    model computes (2 n_layer d_token T), as Megatron-LM's num_floating_point_operations (seq_len / 2) and NeMo's
+    flops_utils do: MFU's numerator. The paper's count stays the scaling laws' compute axis."""
     T = seq_length or cfg.seq_length
     n = count_params(cfg)["non_embedding_params"]
-    forward = 2 * n + 2 * cfg.vocab_size * cfg.hidden_size + 4 * cfg.num_layers * cfg.hidden_size * T
-    return 3 * forward
+    attention = (2 if causal else 4) * cfg.num_layers * cfg.hidden_size * T
+    return 3 * (2 * n + 2 * cfg.vocab_size * cfg.hidden_size + attention)

@@ -210,7 +210,7 @@ class Trainer:
                                      packing=packing) \
             if valid_ds is not None and len(valid_ds) > 0 else None
         self.tokens_per_step = G * cfg.model.seq_length
-        self.flops_per_token = flops_per_token(cfg.model)
+        self.flops_per_token = flops_per_token(cfg.model, causal=True)  # MFU's numerator
         self.matmul_peak = MatmulPeak()
         self.datasheet_peak = datasheet_bf16_peak(torch.cuda.get_device_name(self.device)) \
             if self.device.type == "cuda" and self.precision == "bf16" else None
@@ -397,7 +397,8 @@ class Trainer:
             self._stop_signal = sig
         return sig != 0
 
-    # --- MFU: model FLOPs (Table 3) per second over the measured matmul peak, and the datasheet's on known GPUs -----
+    # --- MFU: model FLOPs (Table 3, attention causal) per second over the measured matmul peak (mfu) and the
+    # datasheet's dense bf16 peak on known GPUs (mfu_datasheet) ------------------------------------------------------
     def measure_peak(self) -> None:
         """One more reading of the matmul peak, at a square shape that saturates the device and at the step's own
         largest matmul (a micro-batch's tokens x hidden x this rank's FFN tokens); the best reading counts."""
@@ -457,9 +458,9 @@ class Trainer:
             self.history.append(rec)
             if self.is_logger and (self.step % t.log_interval == 0 or "val_loss" in rec):
                 line = (f"step {self.step:>6}/{t.steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {norm:.3f} | "
-                        f"tok/s {tps:,.0f} | mfu {format_mfu(rec['mfu'])}")
+                        f"tok/s {tps:,.0f} | mfu vs measured matmul peak {format_mfu(rec['mfu'])}")
                 if "mfu_datasheet" in rec:
-                    line += f" ({format_mfu(rec['mfu_datasheet'])} of the datasheet's bf16 peak)"
+                    line += f", vs datasheet bf16 peak {format_mfu(rec['mfu_datasheet'])}"
                 if "val_loss" in rec:
                     line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.2f}"
                 bar.write(line)

@@ -77,6 +77,18 @@ def _mpi_ranks(env: dict[str, str]) -> tuple[int, int | None, int, str]:
     return int(env["PMIX_RANK"]), None, local, "PMIX_RANK"
 
 
+def _mpirun_in_slurm(env: dict[str, str]) -> bool:
+    """True where an MPI launcher's variables sit beside SLURM_* and name another process. mpirun/mpiexec inside an
+    allocation starts its per-node daemons with srun, so the ranks inherit the daemon's SLURM_PROCID (the node's index)
+    and SLURM_STEP_NUM_TASKS (the node count). Open MPI's mpirun is the only one that exports OMPI_COMM_WORLD_RANK
+    at launch, so that alone decides; srun --mpi=pmi2/pmix sets PMI_RANK/PMIX_RANK too, but equal to SLURM_PROCID
+    (and PMI_SIZE to the step's task count) on every task."""
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return True
+    rank, size = env.get("PMI_RANK", env.get("PMIX_RANK")), env.get("PMI_SIZE")
+    return rank not in (None, env["SLURM_PROCID"]) or size not in (None, env["SLURM_STEP_NUM_TASKS"])
+
+
 def discover(env: dict[str, str] | None = None, mpi_world=_mpi4py_world) -> LaunchEnv:
     """Rank, world size, node-local rank and rendezvous address from whichever launcher started this process.
 
@@ -90,7 +102,7 @@ def discover(env: dict[str, str] | None = None, mpi_world=_mpi4py_world) -> Laun
         launcher = "torchrun/deepspeed" if "LOCAL_RANK" in env else "env"
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
         addr = env.get("MASTER_ADDR", "127.0.0.1")
-    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:  # srun, one task per GPU
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and not _mpirun_in_slurm(env):  # srun, one task per GPU
         launcher = "srun"
         rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0))
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
@@ -98,6 +110,9 @@ def discover(env: dict[str, str] | None = None, mpi_world=_mpi4py_world) -> Laun
     elif any(k in env for k in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")):  # mpirun / mpiexec
         launcher = "mpirun"
         rank, world, local, source = _mpi_ranks(env)
+        if "SLURM_PROCID" in env:
+            log.info("mpirun inside a Slurm allocation: rank %d from %s, not SLURM_PROCID=%s (its daemon's)", rank,
+                     source, env["SLURM_PROCID"])
         addr = env.get("MASTER_ADDR")
         if world is None or addr is None or not port:
             mpi_rank, mpi_size = mpi_world()
