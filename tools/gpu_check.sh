@@ -31,8 +31,13 @@ if [ -n "$wheels" ]; then
   site=$(mktemp -d "${TMPDIR:-/tmp}/tokenformer_site.XXXXXX")
   trap 'rm -rf "$site"' EXIT
   echo "installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into $site (no index)" | tee -a "$out/log.txt"
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl 2>&1 \
-    | tee -a "$out/log.txt"
+  if "$py" -m pip --version >/dev/null 2>&1; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl 2>&1 \
+      | tee -a "$out/log.txt"
+  else  # a Python without pip: a wheel is a zip of what --target would hold (none of these has scripts to place)
+    "$py" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' "$site" \
+      "$wheels"/*.whl
+  fi
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # not exec: the trap removes the scratch site afterwards

@@ -27,8 +27,8 @@ def describe() -> dict:
         props = torch.cuda.get_device_properties(0)
         peak = datasheet_bf16_peak(props.name)
         row.update(device=props.name, memory_gb=round(props.total_memory / 1e9, 1),
-                   capability=f"{props.major}.{props.minor}", nccl=".".join(map(str, torch.cuda.nccl.version())),
-                   cudnn=torch.backends.cudnn.version(), bf16=torch.cuda.is_bf16_supported(),
+                   capability=f"{props.major}.{props.minor}", nccl=_version(torch.cuda.nccl.version),
+                   cudnn=_version(torch.backends.cudnn.version), bf16=torch.cuda.is_bf16_supported(),
                    datasheet_tflops=peak / 1e12 if peak else None)
         device, dtype = torch.device("cuda", 0), torch.bfloat16
     else:
@@ -37,3 +37,12 @@ def describe() -> dict:
     row["matmul_dtype"] = str(dtype).removeprefix("torch.")
     row["matmul_tflops"] = measure_matmul_flops(device, dtype) / 1e12
     return row
+
+
+def _version(ask) -> str:
+    """A library's version as text; what went wrong instead of an exception (this row decides the check's course)."""
+    try:
+        v = ask()
+        return ".".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+    except Exception as e:  # noqa: BLE001 (a version we cannot read is a fact to record, not a reason to stop)
+        return f"unknown ({type(e).__name__}: {e})"

@@ -181,7 +181,8 @@ class Check:
         cmd = [self.python, "-m", "pytest", *[GPU_TESTS + t for t in ids], "-rA", "-v", "-s", "-p", "no:cacheprovider",
                f"--junitxml={os.path.join(self.out, f'junit_{part.key}.xml')}"]
         if _has_module(self.python, "pytest_timeout"):
-            cmd.append(f"--timeout={int(timeout)}")  # a hung test fails with its stack, not the whole part
+            # a hung test fails with its stack before the part's deadline takes the whole group
+            cmd.append(f"--timeout={int(max(10.0, timeout - 15))}")
         return cmd, ids  # -s: the tests' own output streams to log.txt as it comes
 
     def run_part(self, part: Part) -> dict:
