@@ -1,5 +1,8 @@
-"""Run the real trainer in this process (one rank of a run_ranks world, or alone) and return its history."""
+"""Run the real trainer in this process (one rank of a run_ranks world, or alone), on its data or on data that fails."""
 from __future__ import annotations
+
+import threading
+from pathlib import Path
 
 
 def train(overrides: dict, config: str = "configs/debug.yaml") -> list[dict]:
@@ -17,3 +20,38 @@ def evaluate_after_load(overrides: dict, config: str = "configs/debug.yaml") -> 
     loss = trainer.evaluate()
     shutdown()
     return loss
+
+
+class FaultyDataset:
+    """A training dataset whose sample `at` fails as damaged data does ('raise': an IndexError, as from a garbled
+    index cache) or a stuck file system ('block': it comes an hour later, or at release.set(); `flag` is created
+    when the read starts)."""
+
+    def __init__(self, ds, at: int, fault: str, flag: str):
+        self.ds, self.at, self.fault, self.flag, self.release = ds, at, fault, flag, threading.Event()
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        if i == self.at:
+            if self.fault == "raise":
+                raise IndexError(f"index {i} is out of bounds (injected)")
+            Path(self.flag).touch()
+            self.release.wait(3600)
+        return self.ds[i]
+
+
+def main_with_faulty_data(argv: list[str], at: int, fault: str, flag: str) -> int:
+    """The trainer's main() (python -m tokenformer_mp.train) on a FaultyDataset of the data it was given."""
+    from tokenformer_mp import train
+    from tokenformer_mp.data import datasets
+
+    build = datasets.build_datasets  # the trainer imports it from the module when it runs: patched there
+
+    def faulty(*args, **kw):
+        train_ds, *rest = build(*args, **kw)
+        return (FaultyDataset(train_ds, at, fault, flag), *rest)
+
+    datasets.build_datasets = faulty
+    return train.main(argv)
