@@ -565,11 +565,12 @@ def _save_with_nan(overrides: dict) -> list[str]:
 
 def test_nonfinite_state_is_never_saved(minipile, tmp_path):
     """A NaN in the rows one TP rank holds, in the model's copy or in ZeRO's fp32 master: both ranks refuse the save
-    (agreed), `latest` and the last good checkpoint stay."""
+    (agreed), `latest` and the last good checkpoint stay, and the message names it."""
     msgs = run_ranks(2, _save_with_nan, debug_overrides(minipile, tmp_path, **{"train.steps": 1, "parallel.tp": 2}))
     assert msgs[0] == msgs[1], msgs
     for rank, msg in zip((1, 0), msgs[0]):
-        assert f"step 2: non-finite parameters or optimizer state on rank(s) [{rank}]; not saved" in msg, msg
+        assert msg == (f"step 2: non-finite parameters or optimizer state on rank(s) [{rank}]; not saved. The last "
+                       f"good checkpoint, {tmp_path}/checkpoints/global_step1 (step 1), is kept."), msg
     assert read_latest(str(tmp_path / "checkpoints")) == "global_step1"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("global_step*")) == ["global_step1"]
 

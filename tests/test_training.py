@@ -241,24 +241,26 @@ def test_bf16_accumulates_and_reduces_in_fp32(minipile, baseline, tmp_path, worl
         assert abs(norm - ref["grad_norm"]) <= 5e-2 * ref["grad_norm"], (norm, ref["grad_norm"])
 
 
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path):
-    """An absurd learning rate blows the weights up: the run stops naming the step, the last good checkpoint stays."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-    from tokenformer_mp.checkpoint import read_latest
+@pytest.mark.parametrize("save_interval", [1, 0], ids=["saved", "none_saved"])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path, save_interval):
+    """An absurd learning rate blows the weights up: the run stops naming the step, the last good checkpoint stays,
+    and the message names it, or says that none was saved (save_interval 0: only at the end)."""
     args = _args(debug_overrides(minipile, tmp_path, **{"train.steps": 20, "train.lr": 1e30, "train.min_lr": 0.0,
-                                                         "train.warmup_steps": 0, "checkpoint.save_interval": 1}))
+                                                         "train.warmup_steps": 0,
+                                                         "checkpoint.save_interval": save_interval}))
     res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 3, res.stderr[-2000:]
-    import re
-    m = re.search(r"error: step (\d+): loss .* is not finite; stopping", res.stderr)
+    m = re.search(r"error: step (\d+): loss .* is not finite; stopping. (.*)", res.stderr)
     assert m is not None, res.stderr[-2000:]
-    step = int(m.group(1))
+    step, ckpts = int(m.group(1)), tmp_path / "checkpoints"
     assert step >= 2
-    assert read_latest(str(tmp_path / "checkpoints")) == f"global_step{step - 1}"
+    if save_interval:
+        assert read_latest(str(ckpts)) == f"global_step{step - 1}"
+        assert m.group(2) == f"The last good checkpoint, {ckpts}/global_step{step - 1} (step {step - 1}), is kept."
+    else:
+        assert not ckpts.exists() or not any(ckpts.iterdir())
+        assert m.group(2) == f"No checkpoint has been saved in {ckpts}: a restart starts from scratch."
 
 
 def _faulty_run(minipile, run, at: int, fault: str) -> subprocess.Popen:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, Saver, canonical_params, has_checkpoints, load_checkpoint, write_atomic
+from .checkpoint import (TAG, CheckpointError, Saver, candidates, canonical_params, has_checkpoints, load_checkpoint,
+                         write_atomic)
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
 from .data.batches import Batches, Packing, forward_args
 from .flops import MatmulPeak, datasheet_bf16_peak, format_mfu, measure_matmul_flops
@@ -341,8 +342,18 @@ class Trainer:
         bad = self._ranks_with_nonfinite_state()
         if bad:
             raise TrainingDiverged(f"step {self.step}: non-finite parameters or optimizer state on rank(s) {bad}; "
-                                   f"not saved. The last good checkpoint in {self.ckpt_dir} is kept.")
+                                   f"not saved. {self._what_is_kept()}")
         self.saver.save(self.step)
+
+    def _what_is_kept(self) -> str:
+        """For the divergence messages: the checkpoint a restart resumes from, as it is on disk now."""
+        order, _ = candidates(self.ckpt_dir)
+        if order:
+            return (f"The last good checkpoint, {os.path.join(self.ckpt_dir, order[0])} (step "
+                    f"{TAG.match(order[0]).group(1)}), is kept.")
+        start = self.cfg.checkpoint.load
+        return f"No checkpoint has been saved in {self.ckpt_dir}: a restart starts " + \
+            (f"again from checkpoint.load {start}." if start else "from scratch.")
 
     def _ranks_with_nonfinite_state(self) -> list[int]:
         """Ranks whose parameters or optimizer state (the model's copy, ZeRO's fp32 partition and its Adam moments)
@@ -454,7 +465,7 @@ class Trainer:
                 skipped = self.precision == "fp16" and getattr(self.engine, "skipped_steps", 0) > skipped_before
                 if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
                     raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {norm} is not finite; "
-                                           f"stopping. The last good checkpoint in {self.ckpt_dir} is kept.")
+                                           f"stopping. {self._what_is_kept()}")
                 self.step += 1
                 tps = self.tokens_per_step / elapsed
                 rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
