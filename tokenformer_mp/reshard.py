@@ -36,12 +36,16 @@ def pattention_kind(name: str) -> tuple[str, str] | None:
     return ("ffn" if sub is None else "proj" if sub == "proj" else "qkv"), which
 
 
-def resolve_source(path: str) -> str:
+def resolve_source(path: str, strict: bool = False) -> str:
     """A layout-free checkpoint directory (a run's tag directory is one), or a run's checkpoints/ directory: the
-    complete checkpoint `latest` names, else the newest complete one (logged)."""
+    complete checkpoint `latest` names, else the newest complete one (logged). strict (verifying what was asked
+    for): a `latest` that is missing or names no complete checkpoint is an error, not a fallback."""
     if os.path.exists(os.path.join(path, MANIFEST)):
         return path
     order, notes = candidates(path)
+    if strict and notes:
+        raise CheckpointError(f"{path}: " + "; ".join(notes) + (f" (the newest complete one is {order[0]}: verify "
+                                                                 f"it by its directory)" if order else ""))
     for tag in order:  # complete checkpoints, `latest` first; the tensors are verified as they are read
         if notes:
             log.warning("%s; reading the newest complete checkpoint, %s", "; ".join(notes), tag)
