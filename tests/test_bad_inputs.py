@@ -11,6 +11,7 @@ import glob
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -167,6 +168,9 @@ CASES = [
     T("wandb_mode_unknown", {"logging.wandb_mode": "cloud"}, "logging.wandb_mode: 'cloud': online or offline"),
     Case("checkpoint_load_missing", "train", lambda env: env.train(**{"checkpoint.load": f"{env.tmp}/none"}),
          ("checkpoint.load: {tmp}/none does not exist",)),
+    Case("checkpoint_load_not_a_checkpoint", "train", lambda env: env.train(**{"checkpoint.load": other_dir(env)}),
+         ("checkpoint.load: {tmp}/other is not a checkpoint: neither a layout-free checkpoint (it has no "
+          "manifest.json) nor a run's checkpoints/ directory",)),
     T("lr_negative", {"train.lr": -1}, "train.lr: -1.0: must be positive"),
     T("lr_zero", {"train.lr": 0, "train.min_lr": 0}, "train.lr: 0.0: must be positive"),
     T("lr_inf", {"train.lr": "inf"}, "train.lr: inf is not a finite number"),
@@ -215,6 +219,8 @@ CASES = [
          ("data.prefixes[0]: {tmp}/bad_text_document.bin: ", "truncated, or not the pair of this index")),
     Case("config_is_a_directory", "train", lambda env: ["--config", str(env.tmp), "--run-dir", str(env.run)],
          ("{tmp}: is a directory, not a YAML config file",)),
+    Case("config_empty", "train", lambda env: config_file(env, "# nothing yet\n"),
+         ("{tmp}/bad.yaml: the file is empty (no settings), expected a mapping of sections",)),
     Case("config_top_level_list", "train", lambda env: config_file(env, "- model\n- train\n"),
          ("{tmp}/bad.yaml: the top level is a list, expected a mapping of sections",)),
     Case("config_duplicate_section", "train", lambda env: config_file(
@@ -285,6 +291,9 @@ CASES = [
           ("reshard", lambda env, c: ["--load", c, "--save", f"{env.tmp}/out", "--tp", "2"])]],
     *[Case(f"inspect_verify_{how}", "inspect", lambda env, how=how: ["--verify", env.ckpt(corrupt=how)], BAD_TENSOR)
       for how in ("flip", "truncate", "header")],
+    Case("inspect_verify_damaged_latest", "inspect", lambda env: ["--verify", run_with_damaged_latest(env)],
+         ("{tmp}/run/checkpoints/latest names global_step2, which has no valid manifest.json",
+          "(the newest complete one is global_step1: verify it by its directory)")),
     Case("inspect_truncated_manifest", "inspect", lambda env: ["--verify", truncate_manifest(env.ckpt())],
          ("{tmp}/ckpt/manifest.json: the manifest is not valid JSON (truncated or corrupt)",)),
     Case("evaluate_truncated_manifest", "evaluate", lambda env: [
@@ -317,6 +326,16 @@ def other_dir(env: Env) -> str:
     (env.tmp / "other").mkdir()
     (env.tmp / "other" / "mine.txt").write_text("not a checkpoint")
     return str(env.tmp / "other")
+
+
+def run_with_damaged_latest(env: Env) -> str:
+    """A run's checkpoints/: global_step1 complete, global_step2 (which `latest` names) with a truncated manifest."""
+    ckpts = Path(run_checkpoints(env))
+    for tag in ("global_step1", "global_step2"):
+        shutil.copytree(env.ckpt(), ckpts / tag)
+    (ckpts / "latest").write_text("global_step2")
+    truncate_manifest(str(ckpts / "global_step2"))
+    return str(ckpts)
 
 
 def truncate_manifest(ckpt: str) -> str:

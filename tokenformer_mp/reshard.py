@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .checkpoint import LATEST, MANIFEST, TAG, CheckpointError, OfflineWriter, candidates, read_manifest
+from .checkpoint import MANIFEST, TAG, CheckpointError, OfflineWriter, candidates, is_run_checkpoints, read_manifest
 from .config import PATTENTION_KINDS, Config, ConfigError, _build, validate
 from .model import append_tokens
 from .store import Store, StoreError
@@ -52,14 +52,6 @@ def resolve_source(path: str, strict: bool = False) -> str:
         return os.path.join(path, tag)
     raise CheckpointError(f"{path}: no checkpoint found (expected {MANIFEST} or a run's checkpoints with a complete "
                           f"one)" + "".join(f"; {n}" for n in notes))
-
-
-def is_run_checkpoints(path: str) -> bool:
-    """A trainer's checkpoints/ directory: it holds `latest` or global_step* directories."""
-    try:
-        return os.path.exists(os.path.join(path, LATEST)) or any(TAG.match(n) for n in os.listdir(path))
-    except OSError:  # not a directory, or not ours to list
-        return False
 
 
 def check_target(src: str, dst: str) -> None:
