@@ -237,6 +237,11 @@ CASES = [
     # --- 0/3. the preprocessing tool: nothing under the final name unless documents were written ---
     Case("preprocess_binary_named_jsonl", "preprocess", lambda env: preprocess_args(
         env, env.file("in.jsonl", Path(TINY).read_bytes())), ("no documents read from {tmp}/in.jsonl", "bad lines")),
+    Case("preprocess_input_is_a_directory", "preprocess", lambda env: preprocess_args(env, other_dir(env)),
+         ("input {tmp}/other is a directory, not a file: name its files, e.g. '{tmp}/other/*.jsonl.zst'",)),
+    Case("preprocess_documents_all_empty", "preprocess", lambda env: preprocess_args(
+        env, env.file("in.jsonl", '{"text": ""}\n' * 10)),
+         ("every document read from {tmp}/in.jsonl has an empty 'text' (10 documents, no tokens): nothing written",)),
     Case("preprocess_empty_file", "preprocess", lambda env: preprocess_args(env, env.file("in.jsonl", b"")),
          ("no documents read from {tmp}/in.jsonl (0 bad lines)",)),
     Case("preprocess_jsonl_named_zst", "preprocess", lambda env: preprocess_args(

@@ -416,16 +416,20 @@ def test_truncated_zst_is_an_error_unless_allowed(bad_inputs, tmp_path, capsys):
 
 
 def test_rerun_removes_what_a_killed_run_left(tmp_path):
-    """kill -9 while preprocessing leaves {prefix}.tmpPID.bin and a scratch directory named after the output; the
-    next run of the same output removes both and writes a whole dataset."""
+    """kill -9 while preprocessing (an --overwrite of an earlier output) leaves {prefix}.tmpPID.bin and a scratch
+    directory named after the output; the next run of the same output removes both, though the killed process is
+    still a zombie (its parent has not waited) and though that run is then refused (the output exists), and a run
+    with --overwrite writes a whole dataset."""
     import glob
     import tempfile
     import time
 
     from tokenformer_mp.data.preprocess import scratch_prefix
     out = str(tmp_path / "out")
+    preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=5, progress=False)
     cmd = [sys.executable, "tools/preprocess_data.py", "--input", TINY, TINY, TINY, TINY, "--output-prefix", out,
-           "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX, "--workers", "1", "--batch-size", "2"]
+           "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX, "--workers", "1", "--batch-size", "2",
+           "--overwrite"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def leftovers():
@@ -435,12 +439,15 @@ def test_rerun_removes_what_a_killed_run_left(tmp_path):
     while time.time() < deadline and len(leftovers()) < 2 and proc.poll() is None:
         time.sleep(0.05)
     proc.kill()
-    proc.wait()
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # dead, and left a zombie: not reaped
     left = leftovers()
     assert any(p.endswith(".bin") for p in left) and any(os.path.isdir(p) for p in left), left
-    stats = preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=10, progress=False)
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=10, progress=False)
     assert not any(os.path.exists(p) for p in left) and not leftovers()
-    assert len(IndexedDataset(stats["outputs"]["text"])) == 10
+    proc.wait()
+    stats = preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=10, progress=False, overwrite=True)
+    assert len(IndexedDataset(stats["outputs"]["text"])) == 10 and not leftovers()
 
 
 def test_torn_dataset_cache_is_rebuilt(neox_prefix, val_prefix, neox, tmp_path, caplog):
