@@ -193,6 +193,9 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             write_atomic(os.path.join(self.run_dir, "config.yaml"), to_yaml(cfg))
         self._build_engine(groups)
+        # DeepSpeed's pipeline reads micro-batches on its first and last stages only: the others wait for none
+        self.reads_input = self.layout.pp == 1 or self.engine.is_first_stage() or \
+            self.engine.is_last_stage()
 
         t = cfg.train
         G, accum = t.global_batch(self.layout.dp), t.accum_steps(self.layout.dp)
@@ -402,7 +405,7 @@ class Trainer:
         next_input: first wait for the next step's input, or for a signal while waiting for it. A rank whose input
         does not come (a stuck read) thus still meets the others here on a signal, and the run checkpoints and stops
         instead of hanging inside the step; an error reading the input is raised here, before any collective."""
-        if next_input:
+        if next_input and self.reads_input:
             self.train_batches.wait(self.step, lambda: self._stop_signal is not None)
         flags = [self._stop_signal or 0, int(not self.saver.local_done())]
         if self.layout.world > 1:
@@ -433,6 +436,67 @@ class Trainer:
             out["mfu_datasheet"] = flops / self.datasheet_peak
         return out
 
+    def _train_loop(self, bar) -> dict:
+        """Steps until train.steps, a stop signal (checkpointed) or train.exit_after_steps; the last step's record."""
+        t = self.cfg.train
+        last, skipped_before, first_step, waited = {}, 0, self.step, self.train_batches.wait_s
+        # agreed, as every stop: a signal that came before the first step's input did
+        stop = self.step < t.steps and self._step_boundary(next_input=True)
+        if stop and self.is_logger:
+            bar.write(f"signal {self._stop_signal} while waiting for the input of step {self.step + 1}: nothing "
+                      f"trained, exiting")
+        while self.step < t.steps and not stop:
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+            # the step's time counts its wait for input, whether at the last boundary or in the step
+            start = time.perf_counter() - (self.train_batches.wait_s - waited)
+            loss, norm = self.train_step()
+            elapsed = time.perf_counter() - start
+            # Only fp16's dynamic loss scale skips a step by design (overflow: scale lowered, step retried). DeepSpeed's
+            # ZeRO counts a skip for an infinite grad norm in fp32 and bf16 too: there it is divergence.
+            skipped = self.precision == "fp16" and getattr(self.engine, "skipped_steps", 0) > skipped_before
+            if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
+                raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {norm} is not finite; stopping. "
+                                       f"{self._what_is_kept()}")
+            self.step += 1
+            tps = self.tokens_per_step / elapsed
+            rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
+                   **self.mfu(tps), "step_time_s": elapsed, "input_wait_s": self.train_batches.wait_s - waited,
+                   "tokens_seen": self.step * self.tokens_per_step}
+            if skipped:
+                rec["skipped"] = True
+                bar.write(f"step {self.step}: fp16 overflow, step skipped, loss scale lowered")
+            skipped_before = getattr(self.engine, "skipped_steps", 0)
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
+                val = self.evaluate()
+                if val is not None:
+                    rec["val_loss"], rec["val_ppl"] = val, math.exp(min(val, 50.0))
+            self.metrics.write(rec)
+            self.history.append(rec)
+            if self.is_logger and (self.step % t.log_interval == 0 or "val_loss" in rec):
+                line = (f"step {self.step:>6}/{t.steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {norm:.3f} | "
+                        f"tok/s {tps:,.0f} | mfu {format_mfu(rec['mfu'])}")
+                if "mfu_datasheet" in rec:
+                    line += f" ({format_mfu(rec['mfu_datasheet'])} of the datasheet's bf16 peak)"
+                if "val_loss" in rec:
+                    line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.2f}"
+                bar.write(line)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # redraws follow mininterval (TQDM_MININTERVAL in logs)
+            last.update(rec)
+            save_every = self.cfg.checkpoint.save_interval
+            exiting = t.exit_after_steps and self.step - first_step >= t.exit_after_steps
+            waited = self.train_batches.wait_s
+            stop = self._step_boundary(next_input=self.step < t.steps and not exiting)
+            if stop or exiting or (save_every and self.step % save_every == 0) or self.step == t.steps:
+                self.save()
+            if exiting:
+                break
+            if stop:
+                if self.is_logger:
+                    bar.write(f"signal {self._stop_signal}: checkpoint saved at step {self.step}, exiting")
+                break
+        return last
+
     def fit(self) -> dict:
         from tqdm import tqdm
 
@@ -448,63 +512,7 @@ class Trainer:
         # of its own, not the bar's.
         with tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True,
                   mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
-            last, skipped_before, first_step, waited = {}, 0, self.step, self.train_batches.wait_s
-            # agreed, as every stop: a signal that came before the first step's input did
-            stop = self.step < t.steps and self._step_boundary(next_input=True)
-            if stop and self.is_logger:
-                bar.write(f"signal {self._stop_signal} while waiting for the input of step {self.step + 1}: nothing "
-                          f"trained, exiting")
-            while self.step < t.steps and not stop:
-                lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-                # the step's time counts its wait for input, whether at the last boundary or in the step
-                start = time.perf_counter() - (self.train_batches.wait_s - waited)
-                loss, norm = self.train_step()
-                elapsed = time.perf_counter() - start
-                # Only fp16's dynamic loss scale skips a step by design (overflow: scale lowered, step retried).
-                # DeepSpeed's ZeRO counts a skip for an infinite grad norm in fp32 and bf16 too: there it is divergence.
-                skipped = self.precision == "fp16" and getattr(self.engine, "skipped_steps", 0) > skipped_before
-                if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
-                    raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {norm} is not finite; "
-                                           f"stopping. {self._what_is_kept()}")
-                self.step += 1
-                tps = self.tokens_per_step / elapsed
-                rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
-                       **self.mfu(tps), "step_time_s": elapsed, "input_wait_s": self.train_batches.wait_s - waited,
-                       "tokens_seen": self.step * self.tokens_per_step}
-                if skipped:
-                    rec["skipped"] = True
-                    bar.write(f"step {self.step}: fp16 overflow, step skipped, loss scale lowered")
-                skipped_before = getattr(self.engine, "skipped_steps", 0)
-                if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
-                    val = self.evaluate()
-                    if val is not None:
-                        rec["val_loss"], rec["val_ppl"] = val, math.exp(min(val, 50.0))
-                self.metrics.write(rec)
-                self.history.append(rec)
-                if self.is_logger and (self.step % t.log_interval == 0 or "val_loss" in rec):
-                    line = (f"step {self.step:>6}/{t.steps} | loss {loss:.4f} | lr {lr:.2e} | grad_norm {norm:.3f} | "
-                            f"tok/s {tps:,.0f} | mfu {format_mfu(rec['mfu'])}")
-                    if "mfu_datasheet" in rec:
-                        line += f" ({format_mfu(rec['mfu_datasheet'])} of the datasheet's bf16 peak)"
-                    if "val_loss" in rec:
-                        line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.2f}"
-                    bar.write(line)
-                bar.update(1)
-                # redraws follow mininterval (TQDM_MININTERVAL in logs)
-                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-                last.update(rec)
-                save_every = self.cfg.checkpoint.save_interval
-                exiting = t.exit_after_steps and self.step - first_step >= t.exit_after_steps
-                waited = self.train_batches.wait_s
-                stop = self._step_boundary(next_input=self.step < t.steps and not exiting)
-                if stop or exiting or (save_every and self.step % save_every == 0) or self.step == t.steps:
-                    self.save()
-                if exiting:
-                    break
-                if stop:
-                    if self.is_logger:
-                        bar.write(f"signal {self._stop_signal}: checkpoint saved at step {self.step}, exiting")
-                    break
+            last = self._train_loop(bar)
         self.saver.finish()  # a checkpoint still being written in the background: complete, then `latest`
         self.train_batches.close()
         self.metrics.close()
