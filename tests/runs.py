@@ -1,7 +1,9 @@
-"""Run the real trainer in this process (one rank of a run_ranks world, or alone) and return its history."""
+"""Run the real trainer in this process (one rank of a run_ranks world, or alone), on its data or on data that fails."""
 from __future__ import annotations
 
 import os
+import threading
+from pathlib import Path
 
 import torch
 
@@ -29,3 +31,38 @@ def train_deterministic(overrides: dict, config: str = "configs/debug.yaml") -> 
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when the cuBLAS handle is made
     torch.use_deterministic_algorithms(True, warn_only=True)
     return train(overrides, config)
+
+
+class FaultyDataset:
+    """A training dataset whose sample `at` fails as damaged data does ('raise': an IndexError, as from a garbled
+    index cache) or a stuck file system ('block': it comes an hour later, or at release.set(); `flag` is created
+    when the read starts)."""
+
+    def __init__(self, ds, at: int, fault: str, flag: str):
+        self.ds, self.at, self.fault, self.flag, self.release = ds, at, fault, flag, threading.Event()
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        if i == self.at:
+            if self.fault == "raise":
+                raise IndexError(f"index {i} is out of bounds (injected)")
+            Path(self.flag).touch()
+            self.release.wait(3600)
+        return self.ds[i]
+
+
+def main_with_faulty_data(argv: list[str], at: int, fault: str, flag: str) -> int:
+    """The trainer's main() (python -m tokenformer_mp.train) on a FaultyDataset of the data it was given."""
+    from tokenformer_mp import train
+    from tokenformer_mp.data import datasets
+
+    build = datasets.build_datasets  # the trainer imports it from the module when it runs: patched there
+
+    def faulty(*args, **kw):
+        train_ds, *rest = build(*args, **kw)
+        return (FaultyDataset(train_ds, at, fault, flag), *rest)
+
+    datasets.build_datasets = faulty
+    return train.main(argv)

@@ -11,6 +11,7 @@ import glob
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -177,6 +178,9 @@ CASES = [
     T("wandb_mode_unknown", {"logging.wandb_mode": "cloud"}, "logging.wandb_mode: 'cloud': online or offline"),
     Case("checkpoint_load_missing", "train", lambda env: env.train(**{"checkpoint.load": f"{env.tmp}/none"}),
          ("checkpoint.load: {tmp}/none does not exist",)),
+    Case("checkpoint_load_not_a_checkpoint", "train", lambda env: env.train(**{"checkpoint.load": other_dir(env)}),
+         ("checkpoint.load: {tmp}/other is not a checkpoint: neither a layout-free checkpoint (it has no "
+          "manifest.json) nor a run's checkpoints/ directory",)),
     T("lr_negative", {"train.lr": -1}, "train.lr: -1.0: must be positive"),
     T("lr_zero", {"train.lr": 0, "train.min_lr": 0}, "train.lr: 0.0: must be positive"),
     T("lr_inf", {"train.lr": "inf"}, "train.lr: inf is not a finite number"),
@@ -225,6 +229,8 @@ CASES = [
          ("data.prefixes[0]: {tmp}/bad_text_document.bin: ", "truncated, or not the pair of this index")),
     Case("config_is_a_directory", "train", lambda env: ["--config", str(env.tmp), "--run-dir", str(env.run)],
          ("{tmp}: is a directory, not a YAML config file",)),
+    Case("config_empty", "train", lambda env: config_file(env, "# nothing yet\n"),
+         ("{tmp}/bad.yaml: the file is empty (no settings), expected a mapping of sections",)),
     Case("config_top_level_list", "train", lambda env: config_file(env, "- model\n- train\n"),
          ("{tmp}/bad.yaml: the top level is a list, expected a mapping of sections",)),
     Case("config_duplicate_section", "train", lambda env: config_file(
@@ -241,6 +247,11 @@ CASES = [
     # --- 0/3. the preprocessing tool: nothing under the final name unless documents were written ---
     Case("preprocess_binary_named_jsonl", "preprocess", lambda env: preprocess_args(
         env, env.file("in.jsonl", Path(TINY).read_bytes())), ("no documents read from {tmp}/in.jsonl", "bad lines")),
+    Case("preprocess_input_is_a_directory", "preprocess", lambda env: preprocess_args(env, other_dir(env)),
+         ("input {tmp}/other is a directory, not a file: name its files, e.g. '{tmp}/other/*.jsonl.zst'",)),
+    Case("preprocess_documents_all_empty", "preprocess", lambda env: preprocess_args(
+        env, env.file("in.jsonl", '{"text": ""}\n' * 10)),
+         ("every document read from {tmp}/in.jsonl has an empty 'text' (10 documents, no tokens): nothing written",)),
     Case("preprocess_empty_file", "preprocess", lambda env: preprocess_args(env, env.file("in.jsonl", b"")),
          ("no documents read from {tmp}/in.jsonl (0 bad lines)",)),
     Case("preprocess_jsonl_named_zst", "preprocess", lambda env: preprocess_args(
@@ -295,6 +306,9 @@ CASES = [
           ("reshard", lambda env, c: ["--load", c, "--save", f"{env.tmp}/out", "--tp", "2"])]],
     *[Case(f"inspect_verify_{how}", "inspect", lambda env, how=how: ["--verify", env.ckpt(corrupt=how)], BAD_TENSOR)
       for how in ("flip", "truncate", "header")],
+    Case("inspect_verify_damaged_latest", "inspect", lambda env: ["--verify", run_with_damaged_latest(env)],
+         ("{tmp}/run/checkpoints/latest names global_step2, which has no valid manifest.json",
+          "(the newest complete one is global_step1: verify it by its directory)")),
     Case("inspect_truncated_manifest", "inspect", lambda env: ["--verify", truncate_manifest(env.ckpt())],
          ("{tmp}/ckpt/manifest.json: the manifest is not valid JSON (truncated or corrupt)",)),
     Case("evaluate_truncated_manifest", "evaluate", lambda env: [
@@ -327,6 +341,16 @@ def other_dir(env: Env) -> str:
     (env.tmp / "other").mkdir()
     (env.tmp / "other" / "mine.txt").write_text("not a checkpoint")
     return str(env.tmp / "other")
+
+
+def run_with_damaged_latest(env: Env) -> str:
+    """A run's checkpoints/: global_step1 complete, global_step2 (which `latest` names) with a truncated manifest."""
+    ckpts = Path(run_checkpoints(env))
+    for tag in ("global_step1", "global_step2"):
+        shutil.copytree(env.ckpt(), ckpts / tag)
+    (ckpts / "latest").write_text("global_step2")
+    truncate_manifest(str(ckpts / "global_step2"))
+    return str(ckpts)
 
 
 def truncate_manifest(ckpt: str) -> str:

@@ -14,8 +14,8 @@ import torch
 from tests.conftest import REPO, debug_overrides
 from tokenformer_mp.parallel.local import run_ranks
 from tests.runs import evaluate_after_load, train
-from tokenformer_mp.checkpoint import (CheckpointError, load_weights, model_config_of, read_latest, read_manifest,
-                                       verify, write_layout_free)
+from tokenformer_mp.checkpoint import (FORMAT, CheckpointError, load_weights, model_config_of, read_latest,
+                                       read_manifest, verify, write_layout_free)
 from tokenformer_mp.config import Config, ModelConfig
 from tokenformer_mp.convert import (export_neox, export_safetensors, import_neox, model_config_from_neox,
                                     ours_to_neox, tokenizer_from_neox)
@@ -565,11 +565,12 @@ def _save_with_nan(overrides: dict) -> list[str]:
 
 def test_nonfinite_state_is_never_saved(minipile, tmp_path):
     """A NaN in the rows one TP rank holds, in the model's copy or in ZeRO's fp32 master: both ranks refuse the save
-    (agreed), `latest` and the last good checkpoint stay."""
+    (agreed), `latest` and the last good checkpoint stay, and the message names it."""
     msgs = run_ranks(2, _save_with_nan, debug_overrides(minipile, tmp_path, **{"train.steps": 1, "parallel.tp": 2}))
     assert msgs[0] == msgs[1], msgs
     for rank, msg in zip((1, 0), msgs[0]):
-        assert f"step 2: non-finite parameters or optimizer state on rank(s) [{rank}]; not saved" in msg, msg
+        assert msg == (f"step 2: non-finite parameters or optimizer state on rank(s) [{rank}]; not saved. The last "
+                       f"good checkpoint, {tmp_path}/checkpoints/global_step1 (step 1), is kept."), msg
     assert read_latest(str(tmp_path / "checkpoints")) == "global_step1"
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("global_step*")) == ["global_step1"]
 
@@ -608,12 +609,17 @@ def test_trainer_refuses_a_damaged_layout_free_tensor(minipile, saved_run, tmp_p
                               f"(weight): ") and what in msg, msg
 
 
-def test_inspect_verify_reads_every_block(saved_run, tmp_path, capsys):
-    """tools/inspect_checkpoint.py --verify checks every block of every shard of a training checkpoint."""
+def _inspect_tool():
     import importlib.util
     spec = importlib.util.spec_from_file_location("inspect_tool", REPO / "tools" / "inspect_checkpoint.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_inspect_verify_reads_every_block(saved_run, tmp_path, capsys):
+    """tools/inspect_checkpoint.py --verify checks every block of every shard of a training checkpoint."""
+    tool = _inspect_tool()
     run = _copy_run(saved_run, tmp_path)
     assert tool.main([str(run / "checkpoints"), "--verify"]) == 0
     assert "checksums: all ok (" in capsys.readouterr().out
@@ -622,6 +628,27 @@ def test_inspect_verify_reads_every_block(saved_run, tmp_path, capsys):
     assert tool.main([str(run / "checkpoints"), "--verify"]) == 2
     err = capsys.readouterr().err
     assert f"{shard}: rank 0's RNG state (torch): checksum mismatch" in err, err
+
+
+@pytest.mark.parametrize("how", ["truncated", "deleted"])
+def test_inspect_verify_refuses_a_damaged_latest(saved_run, tmp_path, capsys, caplog, how):
+    """--verify on a run's checkpoints/ whose `latest` (global_step4) lost its manifest fails naming it, where it
+    once verified global_step3 instead and said all was ok; that one verifies by its own directory, and plain
+    inspection still shows it (with the warning that training, evaluation and export give)."""
+    tool, ckpts = _inspect_tool(), _copy_run(saved_run, tmp_path) / "checkpoints"
+    manifest = ckpts / "global_step4" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:100]) if how == "truncated" else manifest.unlink()
+    capsys.readouterr()
+    assert tool.main([str(ckpts), "--verify"]) == 2
+    out, err = capsys.readouterr()
+    assert err == (f"error: {ckpts}: {ckpts}/latest names global_step4, which has no valid manifest.json (a save that "
+                   f"did not finish, or one written before format {FORMAT}) (the newest complete one is global_step3: "
+                   f"verify it by its directory)\n") and "checksums" not in out, (out, err)
+    assert tool.main([str(ckpts / "global_step3"), "--verify"]) == 0
+    assert "checksums: all ok (" in capsys.readouterr().out
+    assert tool.main([str(ckpts)]) == 0
+    assert capsys.readouterr().out.startswith(f"{ckpts}/global_step3\nformat {FORMAT}  step 3 ")
+    assert "; reading the newest complete checkpoint, global_step3" in caplog.text
 
 
 @pytest.mark.parametrize("world,layout", [(2, {}), (4, {"parallel.tp": 2})], ids=["dp2", "tp2_dp2"])

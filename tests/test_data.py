@@ -17,6 +17,9 @@ import torch.distributed as dist
 import zstandard
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from tests.runs import FaultyDataset
+from tokenformer_mp.bench.synthetic import RandomTokens
+from tokenformer_mp.data.batches import POLL_S, Batches, DataError
 from tokenformer_mp.data.bench import benchmark_preprocessing
 from tokenformer_mp.data.datasets import build_datasets
 from tokenformer_mp.data.preprocess import preprocess
@@ -413,16 +416,20 @@ def test_truncated_zst_is_an_error_unless_allowed(bad_inputs, tmp_path, capsys):
 
 
 def test_rerun_removes_what_a_killed_run_left(tmp_path):
-    """kill -9 while preprocessing leaves {prefix}.tmpPID.bin and a scratch directory named after the output; the
-    next run of the same output removes both and writes a whole dataset."""
+    """kill -9 while preprocessing (an --overwrite of an earlier output) leaves {prefix}.tmpPID.bin and a scratch
+    directory named after the output; the next run of the same output removes both, though the killed process is
+    still a zombie (its parent has not waited) and though that run is then refused (the output exists), and a run
+    with --overwrite writes a whole dataset."""
     import glob
     import tempfile
     import time
 
     from tokenformer_mp.data.preprocess import scratch_prefix
     out = str(tmp_path / "out")
+    preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=5, progress=False)
     cmd = [sys.executable, "tools/preprocess_data.py", "--input", TINY, TINY, TINY, TINY, "--output-prefix", out,
-           "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX, "--workers", "1", "--batch-size", "2"]
+           "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX, "--workers", "1", "--batch-size", "2",
+           "--overwrite"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def leftovers():
@@ -432,12 +439,15 @@ def test_rerun_removes_what_a_killed_run_left(tmp_path):
     while time.time() < deadline and len(leftovers()) < 2 and proc.poll() is None:
         time.sleep(0.05)
     proc.kill()
-    proc.wait()
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # dead, and left a zombie: not reaped
     left = leftovers()
     assert any(p.endswith(".bin") for p in left) and any(os.path.isdir(p) for p in left), left
-    stats = preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=10, progress=False)
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=10, progress=False)
     assert not any(os.path.exists(p) for p in left) and not leftovers()
-    assert len(IndexedDataset(stats["outputs"]["text"])) == 10
+    proc.wait()
+    stats = preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=10, progress=False, overwrite=True)
+    assert len(IndexedDataset(stats["outputs"]["text"])) == 10 and not leftovers()
 
 
 def test_torn_dataset_cache_is_rebuilt(neox_prefix, val_prefix, neox, tmp_path, caplog):
@@ -467,8 +477,6 @@ def test_torn_dataset_cache_is_rebuilt(neox_prefix, val_prefix, neox, tmp_path, 
 def test_prefetched_batches_are_the_same_in_the_same_order():
     """data.prefetch_steps: the batches a background thread assembles ahead equal those assembled when needed, step
     by step and across a jump (a resume at step 7); and a step reads the same samples at DP=1 and DP=2."""
-    from tokenformer_mp.bench.synthetic import RandomTokens
-    from tokenformer_mp.data.batches import Batches
     ds = RandomTokens(500, 16, 1000)
     cpu = torch.device("cpu")
 
@@ -490,6 +498,41 @@ def test_prefetched_batches_are_the_same_in_the_same_order():
         whole = [tok for tok, _ in one.micro_batches(s)]
         split = [tok for b in two for tok, _ in b.micro_batches(s)]
         assert torch.equal(torch.cat(whole), torch.cat(split))
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_an_input_error_comes_at_its_step_as_a_data_error(prefetch, tmp_path):
+    """Sample 19 raises (step 3, of 6 samples a step): steps 0-2 come whole, then step 3 raises a DataError naming it
+    and the cause, with or without the prefetch thread (where it once ended the thread and left the loop waiting)."""
+    ds = FaultyDataset(RandomTokens(500, 16, 1000), 19, "raise", str(tmp_path / "flag"))
+    batches = Batches(ds, 1, 0, 2, 3, torch.device("cpu"), prefetch=prefetch, source="the test's data")
+    for step in range(3):
+        assert batches.wait(step) and len(list(batches.micro_batches(step))) == 3
+    with pytest.raises(DataError, match=r"^the input of step 4 could not be read from the test's data: IndexError: "
+                                        r"index 19 is out of bounds \(injected\) \(at .*/tests/runs.py:\d+\)$"):
+        batches.wait(3) and list(batches.micro_batches(3))
+    batches.close()
+
+
+def test_a_wait_for_input_that_does_not_come_can_be_interrupted(tmp_path):
+    """A read that does not return (sample 6: step 1): wait() gives up once interrupted() is true, within its poll
+    interval, and takes the batch once it comes; close() does not wait for a thread stuck in a read."""
+    ds = FaultyDataset(RandomTokens(500, 16, 1000), 6, "block", str(tmp_path / "flag"))
+    batches = Batches(ds, 1, 0, 2, 3, torch.device("cpu"), prefetch=2)
+    assert batches.wait(0) and len(list(batches.micro_batches(0))) == 3
+    calls, start = [], time.perf_counter()
+    assert not batches.wait(1, lambda: calls.append(1) or len(calls) >= 3)
+    assert len(calls) == 3 and 2 * POLL_S <= time.perf_counter() - start < 3 * POLL_S + 0.5
+    ds.release.set()
+    assert batches.wait(1, lambda: False) and len(list(batches.micro_batches(1))) == 3
+    ds.release.clear()
+    batches.close()
+    stuck = Batches(ds, 1, 0, 2, 3, torch.device("cpu"), prefetch=2)
+    assert not stuck.wait(1, lambda: True)
+    start = time.perf_counter()
+    stuck.close()
+    assert time.perf_counter() - start < 2.0
+    ds.release.set()
 
 
 def test_index_cache_is_built_before_any_collective_and_found_when_prebuilt(minipile, tmp_path):

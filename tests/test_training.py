@@ -1,11 +1,17 @@
 """The trainer end to end on real text: loss falls, every layout computes the same model, resume is exact."""
 import json
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from tests.conftest import assert_close_to_scale, debug_overrides
+from tests.conftest import REPO, assert_close_to_scale, debug_overrides
+from tokenformer_mp.checkpoint import read_latest
 from tokenformer_mp.parallel.local import run_ranks
 from tests.runs import train
 
@@ -235,24 +241,86 @@ def test_bf16_accumulates_and_reduces_in_fp32(minipile, baseline, tmp_path, worl
         assert abs(norm - ref["grad_norm"]) <= 5e-2 * ref["grad_norm"], (norm, ref["grad_norm"])
 
 
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path):
-    """An absurd learning rate blows the weights up: the run stops naming the step, the last good checkpoint stays."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-    from tokenformer_mp.checkpoint import read_latest
+@pytest.mark.parametrize("save_interval", [1, 0], ids=["saved", "none_saved"])
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path, save_interval):
+    """An absurd learning rate blows the weights up: the run stops naming the step, the last good checkpoint stays,
+    and the message names it, or says that none was saved (save_interval 0: only at the end)."""
     args = _args(debug_overrides(minipile, tmp_path, **{"train.steps": 20, "train.lr": 1e30, "train.min_lr": 0.0,
-                                                         "train.warmup_steps": 0, "checkpoint.save_interval": 1}))
+                                                         "train.warmup_steps": 0,
+                                                         "checkpoint.save_interval": save_interval}))
     res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 3, res.stderr[-2000:]
-    import re
-    m = re.search(r"error: step (\d+): loss .* is not finite; stopping", res.stderr)
+    m = re.search(r"error: step (\d+): loss .* is not finite; stopping. (.*)", res.stderr)
     assert m is not None, res.stderr[-2000:]
-    step = int(m.group(1))
+    step, ckpts = int(m.group(1)), tmp_path / "checkpoints"
     assert step >= 2
-    assert read_latest(str(tmp_path / "checkpoints")) == f"global_step{step - 1}"
+    if save_interval:
+        assert read_latest(str(ckpts)) == f"global_step{step - 1}"
+        assert m.group(2) == f"The last good checkpoint, {ckpts}/global_step{step - 1} (step {step - 1}), is kept."
+    else:
+        assert not ckpts.exists() or not any(ckpts.iterdir())
+        assert m.group(2) == f"No checkpoint has been saved in {ckpts}: a restart starts from scratch."
+
+
+def _faulty_run(minipile, run, at: int, fault: str) -> subprocess.Popen:
+    """The trainer (its main(), in a process of its own) on minipile, whose sample `at` fails (tests.runs)."""
+    argv = ["--config", "configs/debug.yaml", *_args(debug_overrides(minipile, run, **{"train.steps": 20}))]
+    code = (f"import sys; from tests.runs import main_with_faulty_data as m; "
+            f"sys.exit(m({argv!r}, {at}, {fault!r}, {str(run / 'blocked')!r}))")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _steps_done(run) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _wait_for(cond, proc: subprocess.Popen, what: str, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while not cond() and time.time() < deadline:
+        time.sleep(0.1)
+    if not cond():
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"{what}: not within {seconds} s (exit {proc.returncode})\n{out[-2000:]}\n{err[-3000:]}")
+
+
+def test_an_error_in_the_input_thread_ends_the_run_naming_it(minipile, tmp_path):
+    """Sample 12 (the first of step 4: 4 samples a step) raises in the prefetch thread: after steps 1-3 the run ends
+    within seconds, exit 2, one error line naming the step, the data and the cause, instead of waiting forever."""
+    run = tmp_path / "run"
+    proc = _faulty_run(minipile, run, 12, "raise")
+    _wait_for(lambda: _steps_done(run) == 3, proc, "step 3", 300)
+    _wait_for(lambda: proc.poll() is not None, proc, "the run's end after step 3", 15)
+    out, err = proc.communicate()
+    assert proc.returncode == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    raised = 1 + (REPO / "tests" / "runs.py").read_text().splitlines().index(
+        '                raise IndexError(f"index {i} is out of bounds (injected)")')
+    assert errors == [f"error: the input of step 4 could not be read from data.prefixes {minipile['prefix']} (index "
+                      f"cache {run}/data_cache): IndexError: index 12 is out of bounds (injected) (at "
+                      f"{REPO}/tests/runs.py:{raised})"], err[-3000:]
+    assert _steps_done(run) == 3
+
+
+@pytest.mark.parametrize("at,saved", [(12, 3), (0, None)], ids=["step4", "first_step"])
+def test_sigterm_while_waiting_for_input_checkpoints_and_exits_124(minipile, tmp_path, at, saved):
+    """A read that never returns (sample `at`: the first of step 4, or of step 1) and then SIGTERM: the run saves
+    what it trained (steps 1-3; nothing before step 1) and exits 124 within seconds, as at a step boundary."""
+    run = tmp_path / "run"
+    proc = _faulty_run(minipile, run, at, "block")
+    _wait_for(lambda: (run / "blocked").exists() and _steps_done(run) == (saved or 0), proc, "the stuck read", 300)
+    time.sleep(0.5)  # the loop is waiting for the input (a signal a moment earlier would act the same)
+    proc.send_signal(signal.SIGTERM)
+    _wait_for(lambda: proc.poll() is not None, proc, "exit after SIGTERM", 15)
+    out, err = proc.communicate()
+    assert proc.returncode == 124, err[-3000:]
+    assert read_latest(str(run / "checkpoints")) == (saved and f"global_step{saved}")
+    assert (f"signal 15: checkpoint saved at step {saved}, exiting" if saved else
+            "signal 15 while waiting for the input of step 1: nothing trained, exiting") in out + err
+    assert _steps_done(run) == (saved or 0)
 
 
 def test_final_norm_is_not_decayed(minipile, tmp_path):

@@ -557,6 +557,20 @@ def candidates(ckpt_dir: str) -> tuple[list[str], list[str]]:
     return order, notes
 
 
+def is_run_checkpoints(path: str) -> bool:
+    """A trainer's checkpoints/ directory: it holds `latest` or global_step* directories."""
+    try:
+        return os.path.exists(os.path.join(path, LATEST)) or any(
+            TAG.match(n) and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
+    except OSError:  # not a directory, or not ours to list
+        return False
+
+
+def is_checkpoint(path: str) -> bool:
+    """What load_checkpoint reads: a layout-free checkpoint, or a run's checkpoints/ directory."""
+    return os.path.exists(os.path.join(path, MANIFEST)) or is_run_checkpoints(path)
+
+
 def has_checkpoints(ckpt_dir: str) -> bool:
     """Whether a run has started saving here: a `latest` pointer or a complete checkpoint."""
     return os.path.exists(os.path.join(ckpt_dir, LATEST)) or bool(scan(ckpt_dir)[0])
@@ -590,7 +604,7 @@ def load_checkpoint(trainer, ckpt_dir: str) -> dict:
     problem."""
     if os.path.exists(os.path.join(ckpt_dir, MANIFEST)):
         return load_layout_free(trainer, ckpt_dir)
-    if not os.path.isdir(ckpt_dir) or not (has_checkpoints(ckpt_dir) or scan(ckpt_dir)[1]):
+    if not is_run_checkpoints(ckpt_dir):
         raise CheckpointError(f"{ckpt_dir}: neither a '{LATEST}' file, a checkpoint nor a {MANIFEST}: not a checkpoint")
     order, notes = _from_rank0(candidates(ckpt_dir) if dist.get_rank() == 0 else None)
     for tag in order:

@@ -332,10 +332,10 @@ def load_config(path: str | None = None, overrides: dict[str, object] | None = N
             raise ConfigError(f"{path}: {e}") from None
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: cannot read it: {e}") from None
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level is a {type(data).__name__}, expected a mapping of sections "
-                              f"(model:, data:, train:, parallel:, checkpoint:, run_dir:)")
+        if not isinstance(data, dict):  # None: nothing but comments, if that; the defaults would train on no data
+            what = "the file is empty (no settings)" if data is None else f"the top level is a {type(data).__name__}"
+            raise ConfigError(f"{path}: {what}, expected a mapping of sections (model:, data:, train:, parallel:, "
+                              f"checkpoint:, run_dir:)")
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     try:
@@ -487,8 +487,14 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
             build_tokenizer(d.tokenizer_type, d.tokenizer_model)
         except (ValueError, OSError) as e:
             raise ConfigError(f"data.tokenizer_model: {e}") from None
-        need(cfg.checkpoint.load is None or os.path.isdir(cfg.checkpoint.load), "checkpoint.load",
-             f"{cfg.checkpoint.load} does not exist (a layout-free checkpoint or a run's checkpoints/ directory)")
+        load = cfg.checkpoint.load
+        if load is not None:
+            from .checkpoint import MANIFEST, is_checkpoint  # here: it imports torch (see _check_env)
+            need(os.path.exists(load), "checkpoint.load",
+                 f"{load} does not exist (a layout-free checkpoint or a run's checkpoints/ directory)")
+            need(is_checkpoint(load), "checkpoint.load",
+                 f"{load} is not a checkpoint: neither a layout-free checkpoint (it has no {MANIFEST}) nor a run's "
+                 f"checkpoints/ directory (no 'latest', no global_step* directories)")
     if check_paths if check_env is None else check_env:
         _check_env(cfg)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .checkpoint import LATEST, MANIFEST, TAG, CheckpointError, OfflineWriter, candidates, read_manifest
+from .checkpoint import MANIFEST, TAG, CheckpointError, OfflineWriter, candidates, is_run_checkpoints, read_manifest
 from .config import PATTENTION_KINDS, Config, ConfigError, _build, validate
 from .model import append_tokens
 from .store import Store, StoreError
@@ -36,26 +36,22 @@ def pattention_kind(name: str) -> tuple[str, str] | None:
     return ("ffn" if sub is None else "proj" if sub == "proj" else "qkv"), which
 
 
-def resolve_source(path: str) -> str:
+def resolve_source(path: str, strict: bool = False) -> str:
     """A layout-free checkpoint directory (a run's tag directory is one), or a run's checkpoints/ directory: the
-    complete checkpoint `latest` names, else the newest complete one (logged)."""
+    complete checkpoint `latest` names, else the newest complete one (logged). strict (verifying what was asked
+    for): a `latest` that is missing or names no complete checkpoint is an error, not a fallback."""
     if os.path.exists(os.path.join(path, MANIFEST)):
         return path
     order, notes = candidates(path)
+    if strict and notes:
+        raise CheckpointError(f"{path}: " + "; ".join(notes) + (f" (the newest complete one is {order[0]}: verify "
+                                                                 f"it by its directory)" if order else ""))
     for tag in order:  # complete checkpoints, `latest` first; the tensors are verified as they are read
         if notes:
             log.warning("%s; reading the newest complete checkpoint, %s", "; ".join(notes), tag)
         return os.path.join(path, tag)
     raise CheckpointError(f"{path}: no checkpoint found (expected {MANIFEST} or a run's checkpoints with a complete "
                           f"one)" + "".join(f"; {n}" for n in notes))
-
-
-def is_run_checkpoints(path: str) -> bool:
-    """A trainer's checkpoints/ directory: it holds `latest` or global_step* directories."""
-    try:
-        return os.path.exists(os.path.join(path, LATEST)) or any(TAG.match(n) for n in os.listdir(path))
-    except OSError:  # not a directory, or not ours to list
-        return False
 
 
 def check_target(src: str, dst: str) -> None:

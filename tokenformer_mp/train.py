@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .checkpoint import CheckpointError, Saver, canonical_params, has_checkpoints, load_checkpoint, write_atomic
+from .checkpoint import (TAG, CheckpointError, Saver, candidates, canonical_params, has_checkpoints, load_checkpoint,
+                         write_atomic)
 from .config import Config, ConfigError, load_config, pad_vocab, parse_overrides, to_yaml, validate
 from .data.batches import Batches, Packing, forward_args
 from .flops import MatmulPeak, datasheet_bf16_peak, format_mfu, measure_matmul_flops
@@ -192,10 +193,15 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
             write_atomic(os.path.join(self.run_dir, "config.yaml"), to_yaml(cfg))
         self._build_engine(groups)
+        # DeepSpeed's pipeline reads micro-batches on its first and last stages only: the others wait for none
+        self.reads_input = self.layout.pp == 1 or self.engine.is_first_stage() or \
+            self.engine.is_last_stage()
 
         t = cfg.train
         G, accum = t.global_batch(self.layout.dp), t.accum_steps(self.layout.dp)
+        source = "the given dataset"
         if datasets is None:  # the cache is built: every rank loads it
+            source = f"data.prefixes {', '.join(cfg.data.prefixes)} (index cache {cache_dir_of(cfg)})"
             datasets = build_datasets(cfg.data.prefixes, cfg.data.weights, cfg.data.split, cfg.model.seq_length,
                                       t.seed, sample_counts(cfg, self.layout.dp), self.tokenizer, cache_dir_of(cfg),
                                       cfg.data.reset_position_ids, cfg.data.eod_mask_loss)
@@ -205,7 +211,7 @@ class Trainer:
                           eod=self.tokenizer.eod if d.reset_attention_mask else None,
                           chunk=chunk_index(cfg.model.seq_length, lay.cp, lay.cp_rank) if lay.cp > 1 else None)
         self.train_batches = Batches(train_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device,
-                                     prefetch=d.prefetch_steps, packing=packing)
+                                     prefetch=d.prefetch_steps, packing=packing, source=source)
         self.valid_batches = Batches(valid_ds, lay.dp, lay.dp_rank, t.micro_batch_size, accum, self.device,
                                      packing=packing) \
             if valid_ds is not None and len(valid_ds) > 0 else None
@@ -339,8 +345,18 @@ class Trainer:
         bad = self._ranks_with_nonfinite_state()
         if bad:
             raise TrainingDiverged(f"step {self.step}: non-finite parameters or optimizer state on rank(s) {bad}; "
-                                   f"not saved. The last good checkpoint in {self.ckpt_dir} is kept.")
+                                   f"not saved. {self._what_is_kept()}")
         self.saver.save(self.step)
+
+    def _what_is_kept(self) -> str:
+        """For the divergence messages: the checkpoint a restart resumes from, as it is on disk now."""
+        order, _ = candidates(self.ckpt_dir)
+        if order:
+            return (f"The last good checkpoint, {os.path.join(self.ckpt_dir, order[0])} (step "
+                    f"{TAG.match(order[0]).group(1)}), is kept.")
+        start = self.cfg.checkpoint.load
+        return f"No checkpoint has been saved in {self.ckpt_dir}: a restart starts " + \
+            (f"again from checkpoint.load {start}." if start else "from scratch.")
 
     def _ranks_with_nonfinite_state(self) -> list[int]:
         """Ranks whose parameters or optimizer state (the model's copy, ZeRO's fp32 partition and its Adam moments)
@@ -380,12 +396,17 @@ class Trainer:
     def _on_signal(self, signum, frame):
         self._stop_signal = signum  # checkpoint at the next step boundary, then exit (Slurm requeues)
 
-    def _step_boundary(self) -> bool:
+    def _step_boundary(self, next_input: bool) -> bool:
         """Whether any rank got a stop signal, agreed by all ranks at this step boundary; with it, whether every
         rank has finished writing a background checkpoint, which is then finalized here.
 
         Slurm signals every task, but each rank reaches the boundary at its own moment (pipeline stages are skewed):
-        deciding alone, one rank could enter save() (collectives) while another starts the next step, and hang."""
+        deciding alone, one rank could enter save() (collectives) while another starts the next step, and hang.
+        next_input: first wait for the next step's input, or for a signal while waiting for it. A rank whose input
+        does not come (a stuck read) thus still meets the others here on a signal, and the run checkpoints and stops
+        instead of hanging inside the step; an error reading the input is raised here, before any collective."""
+        if next_input and self.reads_input:
+            self.train_batches.wait(self.step, lambda: self._stop_signal is not None)
         flags = [self._stop_signal or 0, int(not self.saver.local_done())]
         if self.layout.world > 1:
             t = torch.tensor(flags, dtype=torch.int64, device=self.device)
@@ -416,23 +437,19 @@ class Trainer:
             out["mfu_datasheet"] = flops / self.datasheet_peak
         return out
 
-    def fit(self) -> dict:
-        from tqdm import tqdm
-
+    def _train_loop(self, bar) -> dict:
+        """Steps until train.steps, a stop signal (checkpointed) or train.exit_after_steps; the last step's record."""
         t = self.cfg.train
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
-        self.maybe_resume()
-        if self.step >= t.steps and self.is_logger:
-            log.info("%s is complete (step %d of %d): nothing to train. A larger --train.steps continues it, another "
-                     "--run-dir starts a new run.", self.run_dir, self.step, t.steps)
-        self.measure_peak()
-        bar = tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 30.0)  # log files (Slurm) get the log lines, not redraws
-        last, skipped_before, first_step = {}, 0, self.step
-        while self.step < t.steps:
+        last, skipped_before, first_step, waited = {}, 0, self.step, self.train_batches.wait_s
+        # agreed, as every stop: a signal that came before the first step's input did
+        stop = self.step < t.steps and self._step_boundary(next_input=True)
+        if stop and self.is_logger:
+            bar.write(f"signal {self._stop_signal} while waiting for the input of step {self.step + 1}: nothing "
+                      f"trained, exiting")
+        while self.step < t.steps and not stop:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
-            start, waited = time.perf_counter(), self.train_batches.wait_s
+            # the step's time counts its wait for input, whether at the last boundary or in the step
+            start = time.perf_counter() - (self.train_batches.wait_s - waited)
             loss, norm = self.train_step()
             elapsed = time.perf_counter() - start
             # Only fp16's dynamic loss scale skips a step by design (overflow: scale lowered, step retried). DeepSpeed's
@@ -440,7 +457,7 @@ class Trainer:
             skipped = self.precision == "fp16" and getattr(self.engine, "skipped_steps", 0) > skipped_before
             if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
                 raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {norm} is not finite; stopping. "
-                                       f"The last good checkpoint in {self.ckpt_dir} is kept.")
+                                       f"{self._what_is_kept()}")
             self.step += 1
             tps = self.tokens_per_step / elapsed
             rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
@@ -469,7 +486,8 @@ class Trainer:
             last.update(rec)
             save_every = self.cfg.checkpoint.save_interval
             exiting = t.exit_after_steps and self.step - first_step >= t.exit_after_steps
-            stop = self._step_boundary()
+            waited = self.train_batches.wait_s
+            stop = self._step_boundary(next_input=self.step < t.steps and not exiting)
             if stop or exiting or (save_every and self.step % save_every == 0) or self.step == t.steps:
                 self.save()
             if exiting:
@@ -478,9 +496,26 @@ class Trainer:
                 if self.is_logger:
                     bar.write(f"signal {self._stop_signal}: checkpoint saved at step {self.step}, exiting")
                 break
+        return last
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        t = self.cfg.train
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        self.maybe_resume()
+        if self.step >= t.steps and self.is_logger:
+            log.info("%s is complete (step %d of %d): nothing to train. A larger --train.steps continues it, another "
+                     "--run-dir starts a new run.", self.run_dir, self.step, t.steps)
+        self.measure_peak()
+        # Log files (Slurm) get the log lines, not redraws. Closed however the loop ends: an error then starts a line
+        # of its own, not the bar's.
+        with tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True,
+                  mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
+            last = self._train_loop(bar)
         self.saver.finish()  # a checkpoint still being written in the background: complete, then `latest`
         self.train_batches.close()
-        bar.close()
         self.metrics.close()
         if self.is_logger and self.step == t.steps:
             from .plot import plot_loss
@@ -525,7 +560,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = trainer.fit()
-    except (ConfigError, CheckpointError) as e:  # found at load time: a bad checkpoint, or rules it cannot satisfy
+    # found at load time (a bad checkpoint, or rules it cannot satisfy) or in training (input that cannot be read:
+    # DataError, a ConfigError)
+    except (ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:

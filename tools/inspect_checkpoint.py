@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="the whole manifest as JSON")
     args = ap.parse_args(argv)
     try:
-        path = resolve_source(args.path)
+        path = resolve_source(args.path, strict=args.verify)  # a fallback would verify another checkpoint
         m = read_manifest(path)
         checked = verify(path, m) if args.verify else 0
     except (CheckpointError, OSError) as e:

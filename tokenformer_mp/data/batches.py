@@ -7,7 +7,9 @@ which makes a resume exact, and a step reads the same samples whatever the data-
 With `prefetch` > 0 a thread assembles the next steps' micro-batches (samples stacked into tensors; in pinned
 memory when the device is a GPU) while the current step trains, as Megatron's DataLoader workers do, and each is
 copied to the device without blocking the host. `wait_s` accumulates the time the training loop spent waiting for
-its input.
+its input. An error while assembling a step (a damaged dataset or index cache) reaches the training loop as a
+DataError naming the step and the cause, at the step it belongs to; `wait` can be interrupted (a stop signal), so a
+rank waiting for input still acts on it.
 
 With packed documents kept apart (data.reset_attention_mask, data.reset_position_ids) or context parallelism
 (parallel.cp) a micro-batch's inputs are a tuple (tokens, position_ids[, doc_ids]) instead of the tokens alone,
@@ -19,14 +21,23 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..config import ConfigError
 from ..model import document_ids
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # tokens [mbs, seq], or (tokens, position_ids[, doc_ids])
 HostBatch = tuple[Inputs, torch.Tensor, torch.Tensor]  # inputs, labels (int64), loss mask (float32): [mbs, seq]
+POLL_S = 0.1  # how often a wait for input looks at its interruption and at the thread
+
+
+class DataError(ConfigError):
+    """A step's input could not be assembled (a damaged dataset or index cache). Bad input like a config error: the
+    trainer exits 2 with its message."""
 
 
 @dataclass
@@ -70,14 +81,16 @@ def _each(inputs: Inputs, fn) -> Inputs:
 
 class Batches:
     def __init__(self, dataset, dp: int, dp_rank: int, micro_batch: int, accum: int, device: torch.device,
-                 prefetch: int = 0, packing: Packing | None = None):
+                 prefetch: int = 0, packing: Packing | None = None, source: str = "the dataset"):
+        """source: what the dataset is, for error messages (the trainer names its prefixes and index cache)."""
         self.ds, self.dp, self.dp_rank, self.mbs, self.accum = dataset, dp, dp_rank, micro_batch, accum
-        self.device, self.prefetch, self.wait_s = device, prefetch, 0.0
+        self.device, self.prefetch, self.wait_s, self.source = device, prefetch, 0.0, source
         self.packing = packing or Packing()
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._next = None  # the step the thread's next queued batch belongs to
+        self._held: tuple[int, list[HostBatch]] | None = None  # taken from the queue by wait(), not yet trained on
 
     @property
     def global_batch(self) -> int:
@@ -93,16 +106,31 @@ class Batches:
             out.append(tuple(_each(t, torch.Tensor.pin_memory) for t in batch) if self.device.type == "cuda" else batch)
         return out
 
+    def _assemble(self, step: int) -> list[HostBatch]:
+        """host_batches, any error in it a DataError naming the step, the data and where it was raised."""
+        try:
+            return self.host_batches(step)
+        except Exception as e:
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            rank = f", data-parallel rank {self.dp_rank}" if self.dp > 1 else ""
+            raise DataError(f"the input of step {step + 1}{rank} could not be read from {self.source}: "
+                            f"{type(e).__name__}: {e} (at {frame.filename}:{frame.lineno})") from e
+
     def _producer(self, first: int, q: queue.Queue, stop: threading.Event) -> None:
         step = first
         while not stop.is_set():
-            item = (step, self.host_batches(step))
+            try:
+                item = (step, self._assemble(step))
+            except DataError as e:  # queued in the step's place: the loop raises it when it reaches that step
+                item = (step, e)
             while not stop.is_set():
                 try:
-                    q.put(item, timeout=0.1)
+                    q.put(item, timeout=POLL_S)
                     break
                 except queue.Full:
                     continue
+            if isinstance(item[1], DataError):
+                return
             step += 1
 
     def _restart(self, step: int) -> None:
@@ -112,27 +140,52 @@ class Batches:
                                         name="batch-prefetch", daemon=True)
         self._thread.start()
 
-    def _take(self, step: int) -> list[HostBatch]:
-        if self.prefetch <= 0:
-            return self.host_batches(step)
+    def wait(self, step: int, interrupted: Callable[[], bool] = lambda: False) -> bool:
+        """Until the step's input is assembled (True), or interrupted() turns true while it is not (False): a stop
+        signal acts while the thread is stuck in a read. The thread's error for this step is raised here."""
+        if self.prefetch <= 0 or (self._held is not None and self._held[0] == step):
+            return True  # without prefetching the step assembles its own input
         if self._thread is None or self._next != step:  # the first step, or a jump (a resume)
             self._restart(step)
-        got, batches = self._queue.get()
+        start = time.perf_counter()
+        try:
+            while True:
+                alive = self._thread.is_alive()  # read before the queue: a thread that ended queued its last item
+                try:
+                    got, batches = self._queue.get(timeout=POLL_S)
+                    break
+                except queue.Empty:
+                    if not alive:
+                        raise DataError(f"the input thread ended before step {step + 1} of {self.source}") from None
+                    if interrupted():
+                        return False
+        finally:
+            self.wait_s += time.perf_counter() - start
         assert got == step, (got, step)
-        self._next = step + 1
+        if isinstance(batches, DataError):
+            raise batches
+        self._held, self._next = (step, batches), step + 1
+        return True
+
+    def _take(self, step: int) -> list[HostBatch]:
+        if self.prefetch <= 0:
+            start = time.perf_counter()
+            batches = self._assemble(step)
+            self.wait_s += time.perf_counter() - start
+            return batches
+        self.wait(step)
+        batches, self._held = self._held[1], None
         return batches
 
     def micro_batches(self, step: int):
         """(inputs, (labels, loss_mask)) on the device, one per micro-batch of the step."""
-        start = time.perf_counter()
-        host = self._take(step)
-        self.wait_s += time.perf_counter() - start
-        for batch in host:
+        for batch in self._take(step):
             inputs, labels, mask = (_each(t, lambda x: x.to(self.device, non_blocking=True)) for t in batch)
             yield inputs, (labels, mask)
 
     def close(self) -> None:
         if self._thread is not None:
             self._stop.set()
-            self._thread.join()
-            self._thread = None
+            # bounded: a thread stuck in a read (what a stop signal interrupted) is left to end with the process
+            self._thread.join(timeout=1.0)
+            self._thread, self._held = None, None

@@ -4,8 +4,9 @@ The main process reads and writes while `workers` single-threaded processes toke
 tokenizer's batch API. A worker writes each batch's tokens as one flat array to a scratch file (local temp dir) and
 sends back only the document lengths: pickling megabytes of tokens through the pool's pipe cost more than the
 tokenizer's own output conversion (measured: 7% of a fast tokenizer's time). Output is written under temporary
-names and renamed into place only once complete, and only if it holds a document; a rerun removes the temporary
-files and scratch directory a killed run of the same output left.
+names and renamed into place only once complete, and only if it holds a document with a token besides EOD; the next
+run of the same output, even one then refused, removes the temporary files and scratch directory a killed run left
+(its process gone, or a zombie).
 """
 
 import glob
@@ -93,7 +94,13 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:  # another user's process
         return True
-    return True
+    try:  # a zombie (killed, not yet reaped by its parent: a script's Popen never waited on) answers kill(0) too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:  # reaped meanwhile
+        return False
+    except OSError:  # no /proc: kill(0)'s answer
+        return True
 
 
 def scratch_prefix(output_prefix: str) -> str:
@@ -209,16 +216,16 @@ def preprocess(
         raise ValueError(f"workers must be at least 1, not {workers}")
     t0 = time.perf_counter()
     json_keys = tuple(json_keys)
+    prefixes = output_prefixes(output_prefix, json_keys)
+    remove_leftovers(output_prefix, prefixes.values())  # first: also when this run is refused below
     files = expand_inputs(inputs)
     tok = build_tokenizer(tokenizer_type, tokenizer_model)
     dtype = token_dtype(tok.vocab_size)
-    prefixes = output_prefixes(output_prefix, json_keys)
     for prefix in prefixes.values():
         for path in (prefix + ".bin", prefix + ".idx"):
             if os.path.exists(path) and not overwrite:
                 raise FileExistsError(f"output {path} exists; pass overwrite=True (--overwrite) to replace it")
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    remove_leftovers(output_prefix, prefixes.values())
 
     stats = ReadStats()
     rows = itertools.islice(read_texts(files, json_keys, strict=strict, stats=stats), max_docs)
@@ -246,16 +253,21 @@ def preprocess(
     try:
         for key, prefix in prefixes.items():
             outputs[key] = _AtomicIndexedDataset(prefix, dtype)
-        tokens = 0
+        tokens, filled = 0, dict.fromkeys(json_keys, 0)  # documents with a token besides EOD, by key
         with tqdm(unit="doc", disable=not progress, desc="tokenize") as bar:
             for columns in ordered_map(pool, _encode_columns, enumerate(batches()), max_pending=4 * workers):
                 for key, (path, lengths) in zip(json_keys, columns):
                     flat = _take(path, dtype)
                     outputs[key].add(flat, lengths)
                     tokens += len(flat)
+                    filled[key] += int((lengths > int(append_eod)).sum())
                 bar.update(len(columns[0][1]))
                 mb_per_s = read_bytes.popleft() / 1e6 / (time.perf_counter() - t0)
                 bar.set_postfix_str(f"{mb_per_s:.1f} MB/s", refresh=False)
+        for key, n in filled.items():
+            if n == 0:  # a dataset of EOD tokens only would train on nothing
+                raise ValueError(f"every document read from {', '.join(files)} has an empty {key!r} "
+                                 f"({stats.docs} documents, no tokens): nothing written")
         for out in outputs.values():
             out.commit()
     except BaseException:

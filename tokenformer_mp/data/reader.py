@@ -42,6 +42,9 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
             files += matches
         elif os.path.isfile(pattern):
             files.append(pattern)
+        elif os.path.isdir(pattern):
+            raise IsADirectoryError(f"input {pattern} is a directory, not a file: name its files, e.g. "
+                                    f"'{os.path.join(pattern, '*.jsonl.zst')}' (quoted)")
         else:
             raise FileNotFoundError(f"input file not found: {pattern}")
     return files
