@@ -75,6 +75,25 @@ _tf_on_term() {
 #   0 done; 124 the ranks saved a checkpoint on a signal and stopped: requeue this job, which resumes from
 #   checkpoints/latest with the same command; anything else: fail the job with that code (2 config error,
 #   3 divergence; the trainer's "error: ..." line is in the log just above).
+# Exit 4: the hang watchdog ended a step that did not finish ('error: hang ...' above names the ranks, RUN/hang/
+# holds every rank's stacks). A bad node or a transient fault: requeue, at most HANG_REQUEUES times for this job
+# (default 1; 0 never), counted in TF_STATE_DIR (default the submit directory) across its requeues; then fail with 4.
+tf_after_hang() {
+  local count_file="${TF_STATE_DIR:-${SLURM_SUBMIT_DIR:-.}}/.tokenformer_hang_requeues.${SLURM_JOB_ID:-0}"
+  local done_before
+  done_before=$(cat "$count_file" 2>/dev/null || echo 0)
+  if [ "$done_before" -ge "${HANG_REQUEUES:-1}" ]; then
+    tf_log "training step hung (exit 4, see 'error: hang' above); not requeued: $done_before requeue(s) after a" \
+           "hang already (HANG_REQUEUES=${HANG_REQUEUES:-1})"
+    exit 4
+  fi
+  echo $((done_before + 1)) > "$count_file"
+  tf_log "training step hung (exit 4, see 'error: hang' above); requeueing job ${SLURM_JOB_ID:-?} (hang requeue" \
+         "$((done_before + 1)) of HANG_REQUEUES=${HANG_REQUEUES:-1}): it resumes from checkpoints/latest"
+  scontrol requeue "${SLURM_JOB_ID:-}" || tf_log "scontrol requeue failed: submit the same command again to resume"
+  exit 4
+}
+
 tf_run() {
   trap _tf_on_usr1 USR1
   trap _tf_on_term TERM
@@ -96,6 +115,7 @@ tf_run() {
     124) ;;
     2) tf_log "training step failed: exit 2, a config error (see 'error:' above)"; exit 2 ;;
     3) tf_log "training step failed: exit 3, the loss diverged (see 'error:' above)"; exit 3 ;;
+    4) tf_after_hang ;;
     *) tf_log "training step failed: exit $rc"; exit "$rc" ;;
   esac
   local restarts=${SLURM_RESTART_COUNT:-0}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -65,4 +66,21 @@ def main_with_faulty_data(argv: list[str], at: int, fault: str, flag: str) -> in
         return (FaultyDataset(train_ds, at, fault, flag), *rest)
 
     datasets.build_datasets = faulty
+    return train.main(argv)
+
+
+def main_with_stuck_forward(argv: list[str], rank: int, call: int) -> int:
+    """The trainer's main() where rank `rank`'s `call`-th model forward never returns (it sleeps an hour): a rank
+    stuck in its compute while the others wait for it in a collective."""
+    from tokenformer_mp import model, train
+
+    forward, calls = model.TokenFormer.forward, [0]
+
+    def stuck(self, *args, **kw):
+        calls[0] += 1
+        if int(os.environ["RANK"]) == rank and calls[0] == call:
+            time.sleep(3600)
+        return forward(self, *args, **kw)
+
+    model.TokenFormer.forward = stuck
     return train.main(argv)

@@ -25,6 +25,7 @@ from .data.batches import Batches, Packing, forward_args
 from .flops import MatmulPeak, datasheet_bf16_peak, format_mfu, measure_matmul_flops
 from .model import Pattention, flops_per_token
 from .tokenizer import build_tokenizer
+from .watchdog import HangWatchdog
 
 log = logging.getLogger("tokenformer_mp")
 
@@ -442,7 +443,9 @@ class Trainer:
         t = self.cfg.train
         last, skipped_before, first_step, waited = {}, 0, self.step, self.train_batches.wait_s
         # agreed, as every stop: a signal that came before the first step's input did
+        self.watchdog.arm(self.step + 1)
         stop = self.step < t.steps and self._step_boundary(next_input=True)
+        self.watchdog.disarm()
         if stop and self.is_logger:
             bar.write(f"signal {self._stop_signal} while waiting for the input of step {self.step + 1}: nothing "
                       f"trained, exiting")
@@ -450,7 +453,9 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             # the step's time counts its wait for input, whether at the last boundary or in the step
             start = time.perf_counter() - (self.train_batches.wait_s - waited)
+            self.watchdog.arm(self.step + 1)
             loss, norm = self.train_step()
+            self.watchdog.disarm(finished=True)
             elapsed = time.perf_counter() - start
             # Only fp16's dynamic loss scale skips a step by design (overflow: scale lowered, step retried). DeepSpeed's
             # ZeRO counts a skip for an infinite grad norm in fp32 and bf16 too: there it is divergence.
@@ -487,7 +492,9 @@ class Trainer:
             save_every = self.cfg.checkpoint.save_interval
             exiting = t.exit_after_steps and self.step - first_step >= t.exit_after_steps
             waited = self.train_batches.wait_s
+            self.watchdog.arm(self.step)  # the boundary: the next step's input, then a collective
             stop = self._step_boundary(next_input=self.step < t.steps and not exiting)
+            self.watchdog.disarm()
             if stop or exiting or (save_every and self.step % save_every == 0) or self.step == t.steps:
                 self.save()
             if exiting:
@@ -511,9 +518,13 @@ class Trainer:
         self.measure_peak()
         # Log files (Slurm) get the log lines, not redraws. Closed however the loop ends: an error then starts a line
         # of its own, not the bar's.
+        self.watchdog = HangWatchdog(self.run_dir, self.layout.rank, self.layout.world, t.hang_timeout_s)
         with tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True,
                   mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
-            last = self._train_loop(bar)
+            try:
+                last = self._train_loop(bar)
+            finally:
+                self.watchdog.close()
         self.saver.finish()  # a checkpoint still being written in the background: complete, then `latest`
         self.train_batches.close()
         self.metrics.close()
