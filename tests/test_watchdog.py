@@ -14,6 +14,7 @@ from tokenformer_mp.watchdog import HANG_EXIT, MIN_TIMEOUT_S, timeout_for
 
 
 def test_the_timeout_follows_the_step_time_after_warm_up():
+    assert timeout_for(300, []) == 1200  # a process's first step: compilation, communicators
     assert timeout_for(300, [1.0] * 4) == 300  # warm-up: the configured timeout
     assert timeout_for(300, [1.0] * 4 + [2.5]) == MIN_TIMEOUT_S  # fast steps: the floor
     assert timeout_for(300, [12.0] * 5) == 120  # 10x the slowest step

@@ -31,6 +31,7 @@ REPORT_GRACE_S = 15.0  # how long the first rank to fire waits for the others' r
 WARMUP_STEPS = 5  # steps timed before the timeout follows the step time (the first steps compile and warm up)
 STEP_TIME_FACTOR = 10.0  # after warm-up: this many times the slowest step seen ...
 MIN_TIMEOUT_S = 60.0  # ... but never less (a save, a slow input read, a loaded node)
+FIRST_STEP_FACTOR = 4.0  # a process's first step: torch.compile of a large model alone can take minutes
 _COLLECTIVE_FILES = (os.sep.join(("torch", "distributed", "")), os.sep.join(("deepspeed", "comm", "")))
 
 
@@ -59,8 +60,11 @@ def _short(path: str) -> str:
 
 
 def timeout_for(configured: float, step_times: list[float]) -> float:
-    """The configured timeout until WARMUP_STEPS steps are timed; then STEP_TIME_FACTOR times the slowest of them
-    (at least MIN_TIMEOUT_S), never more than configured."""
+    """FIRST_STEP_FACTOR times the configured timeout before any step is timed (compilation, communicators and
+    allocators set up in the first step of a process); the configured one until WARMUP_STEPS steps are timed; then
+    STEP_TIME_FACTOR times the slowest of them (at least MIN_TIMEOUT_S), never more than configured."""
+    if not step_times:
+        return FIRST_STEP_FACTOR * configured
     if len(step_times) < WARMUP_STEPS:
         return configured
     return min(configured, max(MIN_TIMEOUT_S, STEP_TIME_FACTOR * max(step_times)))
