@@ -7,8 +7,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from tokenformer_mp.checkpoint import CheckpointError, read_manifest, verify  # noqa: E402
-from tokenformer_mp.reshard import resolve_source  # noqa: E402
+from tokenformer_mp.checkpoint import CheckpointError, read_manifest, resolve_source, verify  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -11,8 +11,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from tokenformer_mp.checkpoint import CheckpointError, read_manifest  # noqa: E402
-from tokenformer_mp.reshard import ExpandPlan, plan_from_config, plan_from_factor, reshard, resolve_source  # noqa: E402
+from tokenformer_mp.checkpoint import CheckpointError, read_manifest, resolve_source  # noqa: E402
+from tokenformer_mp.reshard import ExpandPlan, plan_from_config, plan_from_factor, reshard  # noqa: E402
 
 
 def parse_tokens(text: str) -> dict[str, int]:
