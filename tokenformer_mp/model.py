@@ -168,6 +168,16 @@ class Pattention(nn.Module):
         self.value_tokens = nn.Parameter(append_tokens(self.value_tokens.data, m, value_init, self.value_std, generator))
         self.num_tokens += m
 
+    def grow(self, n_new: int, generator: torch.Generator | None = None) -> Pattention:
+        """Append n_new parameter tokens keeping the outputs, as the resharding tool grows a checkpoint: zero keys
+        (their scores are 0 and GELU(0) = 0, the L2 norm unchanged), tau held at the old count, values N(0, value_std)
+        so that the new keys receive gradients. key_tokens and value_tokens become new nn.Parameter objects: build the
+        optimizer again after growing. Returns self."""
+        if self.norm == "softmax":  # exp(0) of a zero key is not 0: the new tokens would take weight from the old
+            raise ValueError("Pattention.grow keeps the outputs only under l2_norm_gelu and gelu_l2_norm, not softmax")
+        self.expand(n_new, "zeros", "normal", generator)
+        return self
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, tokens={self.num_tokens}, norm={self.norm}, tau={self.tau:.3f}"
 
