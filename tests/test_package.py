@@ -82,7 +82,7 @@ def _venv_python(venv) -> str:
 
 
 @pytest.mark.skipif(os.environ.get("TOKENFORMER_TEST_INSTALL") != "1",
-                    reason="builds a venv and installs torch (80 s on 2 busy cores): set TOKENFORMER_TEST_INSTALL=1")
+                    reason="builds a venv and installs torch (40-80 s on 2 shared cores): set TOKENFORMER_TEST_INSTALL=1")
 def test_install_into_a_fresh_venv_and_run_the_readme_example(tmp_path):
     """pip install of a copy of the package (pyproject.toml, README.md, tokenformer_mp/) into a plain venv holding only
     what `from tokenformer_mp import Pattention` needs (torch, numpy, PyYAML, zstandard; from the registry pip is
