@@ -298,7 +298,7 @@ def test_old_tokens_frozen_or_slowed_after_growth(minipile, tmp_path):
     at TP=2 x PP=2 as in one process; 0.5 moves old tokens half as far as 1 in the first step (new ones the same),
     and under ZeRO-1 with DP=2 (partitions cut through the tensors) as in one process."""
     from tokenformer_mp.checkpoint import load_tensors
-    from tokenformer_mp.reshard import pattention_kind
+    from tokenformer_mp.model import pattention_kind
 
     run_ranks(1, train, debug_overrides(minipile, tmp_path / "run", **{"train.steps": 2}))
     grown = str(tmp_path / "grown")

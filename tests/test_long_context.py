@@ -14,7 +14,8 @@ from tokenformer_mp.checkpoint import load_tensors, write_layout_free
 from tokenformer_mp.config import Config, ModelConfig, load_config, pad_vocab
 from tokenformer_mp.data.batches import Packing, collate
 from tokenformer_mp.data.datasets import build_datasets, cache_dir_of, sample_counts
-from tokenformer_mp.model import TokenFormer, attend, cross_entropy, document_ids, sequence_mask
+from tokenformer_mp.data.batches import document_ids
+from tokenformer_mp.model import TokenFormer, attend, cross_entropy, sequence_mask
 from tokenformer_mp.parallel.build import build_model
 from tokenformer_mp.parallel.context_parallel import ChunkMask, attend_gathered, chunk_index, gathered_index
 from tokenformer_mp.parallel.local import run_ranks

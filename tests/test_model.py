@@ -206,6 +206,33 @@ def test_expanded_tokens_train():
     assert p.key_tokens.grad[8:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("norm", ["l2_norm_gelu", "gelu_l2_norm"])
+def test_grow_keeps_the_outputs_and_trains_the_new_tokens(norm):
+    """Pattention.grow (README, Pattention in your own model): shapes grow, tau stays at the old count, the outputs
+    within 1e-6 of their scale; the new keys get gradients at once, the new values after one step (their weights are
+    GELU(0) = 0 until the keys move). Softmax, whose exp(0) would take weight from the old tokens, is refused."""
+    torch.manual_seed(0)
+    p = Pattention(24, 16, 32, norm=norm)
+    x = torch.randn(3, 5, 24)
+    before, old_keys = p(x).detach(), p.key_tokens
+    assert p.grow(96) is p
+    assert p.key_tokens.shape == (128, 24) and p.value_tokens.shape == (128, 16) and p.num_tokens == 128
+    assert p.tau == math.sqrt(32) and int(p.scale_tokens) == 32 and p.key_tokens is not old_keys
+    assert torch.equal(p.key_tokens[:32], old_keys) and torch.equal(p.key_tokens[32:], torch.zeros(96, 24))
+    assert p.value_tokens[32:].std().item() == pytest.approx(p.value_std, rel=0.1)
+    out = p(x)
+    assert_close_to_scale(out, before, 1e-6)
+    out.square().sum().backward()
+    assert (p.key_tokens.grad[32:].abs().sum(1) > 0).all()
+    assert torch.equal(p.value_tokens.grad[32:], torch.zeros(96, 16))
+    torch.optim.SGD(p.parameters(), lr=0.1).step()  # a new optimizer: grow made new Parameter objects
+    p.zero_grad()
+    p(x).square().sum().backward()
+    assert (p.value_tokens.grad[32:].abs().sum(1) > 0).all()
+    with pytest.raises(ValueError, match="not softmax"):
+        Pattention(4, 4, 4, norm="softmax").grow(4)
+
+
 def test_tau_survives_state_dict():
     p = Pattention(8, 8, 16, scale_tokens=4)
     q = Pattention(8, 8, 16)

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import threading
 import time
@@ -27,15 +26,13 @@ import time
 import torch
 import torch.distributed as dist
 
+from .checkpoint_dirs import LATEST, MANIFEST, TAG, is_run_checkpoints
 from .fileio import write_atomic
 from .store import Store, StoreError, entry_name, segments_of, table, write_shard
 
 log = logging.getLogger("tokenformer_mp")
 
-LATEST = "latest"
 FORMAT = "tokenformer_mp.layout_free.v2"
-MANIFEST = "manifest.json"
-TAG = re.compile(r"global_step(\d+)$")
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 # Config keys that change the function but not any tensor's shape: a mismatch would load silently otherwise.
 FUNCTION_KEYS = ("norm", "num_heads", "rotary_pct", "rotary_base", "layernorm_eps", "qkv_scale_tokens",
@@ -114,7 +111,7 @@ def verify(path: str, manifest: dict | None = None) -> int:
 
 def load_tensors(path: str, key: str = "weight") -> dict[str, torch.Tensor]:
     """Every tensor of a layout-free checkpoint, full and verified (tests, small tools)."""
-    manifest, store = open_store(_resolve(path))
+    manifest, store = open_store(resolve_source(path))
     try:
         return {name: store.full(name, key) for name, e in manifest["tensors"].items() if key in e["keys"]}
     except StoreError as e:
@@ -123,7 +120,7 @@ def load_tensors(path: str, key: str = "weight") -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, path: str) -> dict:
     """Weights of a layout-free checkpoint into a plain, unsharded TokenFormer (evaluation, generation, exports)."""
-    path = _resolve(path)
+    path = resolve_source(path)
     manifest, store = open_store(path)
     entries, params = manifest["tensors"], dict(model.named_parameters())
     missing = sorted(set(params) - set(entries))
@@ -141,15 +138,10 @@ def load_weights(model: torch.nn.Module, path: str) -> dict:
     return manifest
 
 
-def _resolve(path: str) -> str:
-    from .reshard import resolve_source
-    return resolve_source(path)
-
-
 def model_config_of(path: str):
     """The ModelConfig a layout-free checkpoint was written with."""
     from .config import ModelConfig, _build
-    return _build(ModelConfig, read_manifest(_resolve(path))["model"])
+    return _build(ModelConfig, read_manifest(resolve_source(path))["model"])
 
 
 # --- writing one from full tensors, in one process (imports, the resharding tool, tests) -------------------------
@@ -557,23 +549,45 @@ def candidates(ckpt_dir: str) -> tuple[list[str], list[str]]:
     return order, notes
 
 
-def is_run_checkpoints(path: str) -> bool:
-    """A trainer's checkpoints/ directory: it holds `latest` or global_step* directories."""
-    try:
-        return os.path.exists(os.path.join(path, LATEST)) or any(
-            TAG.match(n) and os.path.isdir(os.path.join(path, n)) for n in os.listdir(path))
-    except OSError:  # not a directory, or not ours to list
-        return False
-
-
-def is_checkpoint(path: str) -> bool:
-    """What load_checkpoint reads: a layout-free checkpoint, or a run's checkpoints/ directory."""
-    return os.path.exists(os.path.join(path, MANIFEST)) or is_run_checkpoints(path)
-
-
 def has_checkpoints(ckpt_dir: str) -> bool:
     """Whether a run has started saving here: a `latest` pointer or a complete checkpoint."""
     return os.path.exists(os.path.join(ckpt_dir, LATEST)) or bool(scan(ckpt_dir)[0])
+
+
+def resolve_source(path: str, strict: bool = False) -> str:
+    """A layout-free checkpoint directory (a run's tag directory is one), or a run's checkpoints/ directory: the
+    complete checkpoint `latest` names, else the newest complete one (logged). strict (verifying what was asked
+    for): a `latest` that is missing or names no complete checkpoint is an error, not a fallback."""
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        return path
+    order, notes = candidates(path)
+    if strict and notes:
+        raise CheckpointError(f"{path}: " + "; ".join(notes) + (f" (the newest complete one is {order[0]}: verify "
+                                                                 f"it by its directory)" if order else ""))
+    for tag in order:  # complete checkpoints, `latest` first; the tensors are verified as they are read
+        if notes:
+            log.warning("%s; reading the newest complete checkpoint, %s", "; ".join(notes), tag)
+        return os.path.join(path, tag)
+    raise CheckpointError(f"{path}: no checkpoint found (expected {MANIFEST} or a run's checkpoints with a complete "
+                          f"one)" + "".join(f"; {n}" for n in notes))
+
+
+def check_target(src: str, dst: str) -> None:
+    """Refuse to write where it would replace what is read or a run's own checkpoints, --overwrite or not."""
+    s, d = os.path.realpath(src), os.path.realpath(dst)
+    inside = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)  # noqa: E731
+    if inside(d, s) or inside(s, d):
+        raise CheckpointError(f"--save {dst}: {'is' if d == s else 'overlaps'} the source {src}; "
+                              f"write the result to a new directory")
+    node = d
+    while True:
+        if is_run_checkpoints(node):
+            raise CheckpointError(f"--save {dst}: inside a run's checkpoint directory {node}; writing there would "
+                                  f"replace that run's checkpoints: write to a directory of its own")
+        parent = os.path.dirname(node)
+        if parent == node:
+            return
+        node = parent
 
 
 def prune(ckpt_dir: str, keep_last: int) -> None:

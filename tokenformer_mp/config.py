@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import versions
+from .checkpoint_dirs import MANIFEST, is_checkpoint
+from .errors import ConfigError  # a leaf: data/, below this module, raises it too
 from .data.indexed import check_indexed_dataset
 from .tokenizer import build_tokenizer
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 PATTENTION_KINDS = ("qkv", "proj", "ffn")
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key."""
 
 
 @dataclass
@@ -497,7 +495,6 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
             raise ConfigError(f"data.tokenizer_model: {e}") from None
         load = cfg.checkpoint.load
         if load is not None:
-            from .checkpoint import MANIFEST, is_checkpoint  # here: it imports torch (see _check_env)
             need(os.path.exists(load), "checkpoint.load",
                  f"{load} does not exist (a layout-free checkpoint or a run's checkpoints/ directory)")
             need(is_checkpoint(load), "checkpoint.load",

@@ -21,6 +21,35 @@ def default_dtype(device: str) -> str:
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
 
 
+# --- Hugging Face exports (hf/export.py writes them): config.json's field names on both sides, one table ------
+
+# ModelConfig field -> TokenFormerConfig field (configuration_tokenformer.py)
+HF_FIELDS = {
+    "num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "num_heads": "num_attention_heads",
+    "qkv_tokens": "qkv_tokens", "proj_tokens": "proj_tokens", "ffn_tokens": "ffn_tokens",
+    "qkv_scale_tokens": "qkv_scale_tokens", "proj_scale_tokens": "proj_scale_tokens",
+    "ffn_scale_tokens": "ffn_scale_tokens", "norm": "pattention_norm", "seq_length": "max_position_embeddings",
+    "vocab_size": "vocab_size", "rotary_pct": "rotary_pct", "rotary_base": "rope_theta",
+    "layernorm_eps": "layer_norm_eps", "init_std": "initializer_range",
+}
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict:
+    """The TokenFormerConfig fields of a model (tau written out: scale tokens as numbers, never None)."""
+    out = {hf: getattr(cfg, ours) for ours, hf in HF_FIELDS.items()}
+    out.update({f"{k}_scale_tokens": cfg.scale_tokens(k) for k in ("qkv", "proj", "ffn")})
+    return out
+
+
+def model_config_from_hf(d: dict) -> ModelConfig:
+    """An exported config.json back to our ModelConfig (a scale equal to the token count is the unpinned None)."""
+    cfg = ModelConfig(**{ours: d[hf] for ours, hf in HF_FIELDS.items()})
+    for k in ("qkv", "proj", "ffn"):
+        if getattr(cfg, f"{k}_scale_tokens") == cfg.tokens(k):
+            setattr(cfg, f"{k}_scale_tokens", None)
+    return cfg
+
+
 def load_model(path: str, device: str = "cpu", dtype: str = "fp32") -> tuple[TokenFormer, dict]:
     """A checkpoint directory (trainer's, resharded, layout-free), an export (model.safetensors + config.json) or a
     Hugging Face export (export-hf), in `dtype` (fp32, bf16, fp16; the KV cache follows it). Returns the model and the
@@ -31,7 +60,6 @@ def load_model(path: str, device: str = "cpu", dtype: str = "fp32") -> tuple[Tok
             raw = json.load(f)
         state, data = load_file(os.path.join(path, "model.safetensors")), {}
         if raw.get("model_type") == "tokenformer":  # export-hf: HF field names, parameters under "model."
-            from .hf import model_config_from_hf
             cfg = model_config_from_hf(raw)
             state = {k.removeprefix("model."): v.float() for k, v in state.items()}
             data = {"tokenizer_type": "HFTokenizer", "tokenizer_model": os.path.join(path, "tokenizer.json")}

@@ -6,6 +6,7 @@ sets the few communication hooks (`enter`, `exit`, `reduce_over_tokens`) that de
 from __future__ import annotations
 
 import math
+import re
 import zlib
 
 import torch
@@ -167,6 +168,16 @@ class Pattention(nn.Module):
         self.value_tokens = nn.Parameter(append_tokens(self.value_tokens.data, m, value_init, self.value_std, generator))
         self.num_tokens += m
 
+    def grow(self, n_new: int, generator: torch.Generator | None = None) -> Pattention:
+        """Append n_new parameter tokens keeping the outputs, as the resharding tool grows a checkpoint: zero keys
+        (their scores are 0 and GELU(0) = 0, the L2 norm unchanged), tau held at the old count, values N(0, value_std)
+        so that the new keys receive gradients. key_tokens and value_tokens become new nn.Parameter objects: build the
+        optimizer again after growing. Returns self."""
+        if self.norm == "softmax":  # exp(0) of a zero key is not 0: the new tokens would take weight from the old
+            raise ValueError("Pattention.grow keeps the outputs only under l2_norm_gelu and gelu_l2_norm, not softmax")
+        self.expand(n_new, "zeros", "normal", generator)
+        return self
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, tokens={self.num_tokens}, norm={self.norm}, tau={self.tau:.3f}"
 
@@ -253,14 +264,20 @@ def make_pattention(cfg: ModelConfig, kind: str, in_features: int, out_features:
                       key_std=cfg.init_std, value_std=value_std)
 
 
+# a Pattention's parameters by name, in checkpoints and optimizer rules
+PATTENTION_NAME = re.compile(r"layers\.\d+\.(?:attention\.(query|key|value|proj)|ffn)\.(key_tokens|value_tokens)$")
+
+
+def pattention_kind(name: str) -> tuple[str, str] | None:
+    """'layers.3.attention.key.value_tokens' -> ('qkv', 'value_tokens'); None for other tensors."""
+    m = PATTENTION_NAME.match(name)
+    if m is None:
+        return None
+    sub, which = m.groups()
+    return ("ffn" if sub is None else "proj" if sub == "proj" else "qkv"), which
+
+
 # --- token-token attention, and which keys a query sees ---------------------------------------------------------
-
-def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
-    """[B, T] -> [B, T]: the document of each token of a packed sample, counted from 0. A document ends with its EOD
-    token (Megatron's reset_attention_mask: the tokens after an EOD no longer see it or anything before it)."""
-    ends = (tokens == eod).long()
-    return ends.cumsum(-1) - ends
-
 
 def attention_mask(q_index: torch.Tensor, k_index: torch.Tensor, q_doc: torch.Tensor | None = None,
                    k_doc: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -480,7 +497,8 @@ class TokenFormer(nn.Module):
                 doc_ids: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, V], or the loss given labels. With a cache (generation), tokens continue
         the cached ones: positions from cache.length on. Packed documents: position_ids [B, T] (each token's rotary
-        position; None: 0.. in order) and doc_ids [B, T] (document_ids; None: every token sees all before it)."""
+        position; None: 0.. in order) and doc_ids [B, T] (data.batches.document_ids; None: every token sees all
+        before it)."""
         x = self.embed(tokens)  # [B, T, h]
         mask = self.mask_for(doc_ids, tokens.shape[1], x.dtype, x.device) if cache is None else None
         for block in self.layers:

@@ -9,67 +9,18 @@ to the old token count) and N(0, std) values, so the new tokens can learn.
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import MANIFEST, TAG, CheckpointError, OfflineWriter, candidates, is_run_checkpoints, read_manifest
+from .checkpoint import MANIFEST, CheckpointError, OfflineWriter, check_target, read_manifest, resolve_source
 from .config import PATTENTION_KINDS, Config, ConfigError, _build, validate
-from .model import append_tokens
+from .model import append_tokens, pattention_kind
 from .store import Store, StoreError
 
-log = logging.getLogger("tokenformer_mp")
-_PATTENTION = re.compile(r"layers\.\d+\.(?:attention\.(query|key|value|proj)|ffn)\.(key_tokens|value_tokens)$")
-
-
-def pattention_kind(name: str) -> tuple[str, str] | None:
-    """'layers.3.attention.key.value_tokens' -> ('qkv', 'value_tokens'); None for other tensors."""
-    m = _PATTENTION.match(name)
-    if m is None:
-        return None
-    sub, which = m.groups()
-    return ("ffn" if sub is None else "proj" if sub == "proj" else "qkv"), which
-
-
-def resolve_source(path: str, strict: bool = False) -> str:
-    """A layout-free checkpoint directory (a run's tag directory is one), or a run's checkpoints/ directory: the
-    complete checkpoint `latest` names, else the newest complete one (logged). strict (verifying what was asked
-    for): a `latest` that is missing or names no complete checkpoint is an error, not a fallback."""
-    if os.path.exists(os.path.join(path, MANIFEST)):
-        return path
-    order, notes = candidates(path)
-    if strict and notes:
-        raise CheckpointError(f"{path}: " + "; ".join(notes) + (f" (the newest complete one is {order[0]}: verify "
-                                                                 f"it by its directory)" if order else ""))
-    for tag in order:  # complete checkpoints, `latest` first; the tensors are verified as they are read
-        if notes:
-            log.warning("%s; reading the newest complete checkpoint, %s", "; ".join(notes), tag)
-        return os.path.join(path, tag)
-    raise CheckpointError(f"{path}: no checkpoint found (expected {MANIFEST} or a run's checkpoints with a complete "
-                          f"one)" + "".join(f"; {n}" for n in notes))
-
-
-def check_target(src: str, dst: str) -> None:
-    """Refuse to write where it would replace what is read or a run's own checkpoints, --overwrite or not."""
-    s, d = os.path.realpath(src), os.path.realpath(dst)
-    inside = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)  # noqa: E731
-    if inside(d, s) or inside(s, d):
-        raise CheckpointError(f"--save {dst}: {'is' if d == s else 'overlaps'} the source {src}; "
-                              f"write the result to a new directory")
-    node = d
-    while True:
-        if is_run_checkpoints(node):
-            raise CheckpointError(f"--save {dst}: inside a run's checkpoint directory {node}; writing there would "
-                                  f"replace that run's checkpoints: write to a directory of its own")
-        parent = os.path.dirname(node)
-        if parent == node:
-            return
-        node = parent
 
 
 def plan_from_factor(model: dict, factor: float, allow_shrink: bool = False) -> dict[str, int]:

@@ -284,7 +284,7 @@ class Trainer:
     # --- per-row optimizer rules: no decay for the final LayerNorm, old tokens' rate after growth ---------------
     def _install_row_rules(self) -> None:
         from .optim import RowRule, RowRules, zero_leading_rows_grad
-        from .reshard import pattention_kind
+        from .model import pattention_kind
 
         if self.row_rules is not None:
             return

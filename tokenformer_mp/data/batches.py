@@ -27,8 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
-from ..model import document_ids
+from ..errors import ConfigError
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # tokens [mbs, seq], or (tokens, position_ids[, doc_ids])
 HostBatch = tuple[Inputs, torch.Tensor, torch.Tensor]  # inputs, labels (int64), loss mask (float32): [mbs, seq]
@@ -47,6 +46,13 @@ class Packing:
     positions: bool = False  # each token's position id (megatron's: restarting after each EOD if it was asked to)
     eod: int | None = None  # the EOD id, whose tokens end documents: doc_ids for attention within each document
     chunk: torch.Tensor | None = None  # context parallelism: the positions of the sequence this rank holds
+
+
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """[B, T] -> [B, T]: the document of each token of a packed sample, counted from 0. A document ends with its EOD
+    token (Megatron's reset_attention_mask: the tokens after an EOD no longer see it or anything before it)."""
+    ends = (tokens == eod).long()
+    return ends.cumsum(-1) - ends
 
 
 def collate(samples: list[dict], packing: Packing) -> HostBatch:

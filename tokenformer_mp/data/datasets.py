@@ -190,7 +190,7 @@ def build_datasets(
             tokenizer=tokenizer,
             reset_position_ids=reset_position_ids,
             # Attention within documents (data.reset_attention_mask): the model masks it from the documents' EODs
-            # (model.document_ids), once per micro-batch instead of a [T, T] mask per sample from here.
+            # (batches.document_ids), once per micro-batch instead of a [T, T] mask per sample from here.
             reset_attention_mask=False,
             eod_mask_loss=eod_mask_loss,
             create_attention_mask=False,

@@ -16,9 +16,8 @@ from transformers import PreTrainedTokenizerFast
 
 from ..config import ModelConfig
 from ..fileio import atomic_dir
-from ..inference import DTYPES, load_model, tokenizer_for
+from ..inference import DTYPES, hf_config_dict, load_model, tokenizer_for
 from ..tokenizer import HFTokenizer, Tokenizer
-from . import hf_config_dict
 from .configuration_tokenformer import TokenFormerConfig
 from .modeling_tokenformer import TokenFormerForCausalLM
 
