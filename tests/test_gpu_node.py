@@ -17,7 +17,7 @@ from tests.runs import train
 from tokenformer_mp import versions
 from tokenformer_mp.bench.gpu_check import PARTS, junit_results, run_command
 from tokenformer_mp.config import ConfigError, load_config, validate
-from tokenformer_mp.parallel.local import preload_modules, run_ranks
+from tokenformer_mp.parallel.local import run_ranks, start_method
 
 
 def test_supported_versions_are_checked_at_start(monkeypatch, tmp_path):
@@ -36,28 +36,21 @@ def test_supported_versions_are_checked_at_start(monkeypatch, tmp_path):
         validate(cfg, check_paths=False, check_env=True)
 
 
-def test_rank_preload_never_asks_cuda():
-    """run_ranks forks its ranks from a server that preloaded the trainer's libraries. A process that has asked CUDA
-    anything (is_available included) cannot give CUDA to a forked child, so with a CUDA-built torch the preload must
-    not ask: imported here with every CUDA query made to fail. DeepSpeed's import does ask, which is why it is left
-    out there (if this part fails, a newer DeepSpeed stopped asking and may be preloaded everywhere)."""
-    code = ("import importlib, sys, torch\n"
-            "asked = []\n"  # recorded, not raised: DeepSpeed catches what its detection raises
-            "for name in ('is_available', 'device_count', 'init', '_lazy_init', 'current_device'):\n"
-            "    setattr(torch.cuda, name, lambda *a, _n=name, **k: asked.append(_n) or 0)\n"
-            "for m in sys.argv[1:]: importlib.import_module(m)\n"
-            "print('ASKED', sorted(set(asked)))\n")
+def _rank_facts() -> dict:
+    return {"cuda_bad_fork": torch.cuda._is_in_bad_fork(), "pid": os.getpid()}
 
-    def asked(modules: list[str]) -> str:
-        res = subprocess.run([sys.executable, "-c", code, *modules], cwd=REPO, capture_output=True, text=True,
-                             timeout=120)
-        assert res.returncode == 0, res.stderr[-3000:]
-        return res.stdout.split("ASKED ")[-1].strip()
 
-    cuda_free = preload_modules(cuda_built=True)
-    assert "deepspeed" not in cuda_free and preload_modules(cuda_built=False) == cuda_free + ["deepspeed"]
-    assert asked(cuda_free) == "[]"
-    assert asked(["deepspeed"]) != "[]"
+def test_ranks_never_fork_from_a_process_that_asked_cuda():
+    """A process that has asked CUDA anything (is_available included) cannot give CUDA to a child forked from it, and
+    under a CUDA-built torch the trainer's imports ask (megatron-core through torch.utils.cpp_extension, inductor,
+    DeepSpeed's detection; measured under torch 2.11+cu130). So ranks fork from a preloaded server only where no GPU
+    is visible, and are spawned where one is: both ways start here, and no rank is in a bad fork."""
+    assert start_method(gpu=True) == ("spawn", [])
+    method, preload = start_method(gpu=False)
+    assert method == "forkserver" and "megatron.core.parallel_state" in preload
+    for gpu in (True, False):
+        ranks = run_ranks(2, _rank_facts, gpu=gpu)
+        assert [r["cuda_bad_fork"] for r in ranks] == [False, False] and ranks[0]["pid"] != ranks[1]["pid"]
 
 
 def _train_where_deepspeed_chose_cuda(overrides: dict) -> tuple[str, str, list[dict]]:

@@ -195,7 +195,8 @@ def _bf16_run(overrides: dict) -> dict:
     from tokenformer_mp.train import Trainer, shutdown
     trainer = Trainer(load_config("configs/debug.yaml", overrides))
     dp = tuple(dist.get_process_group_ranks(ps.get_data_parallel_group()))
-    reduced, originals = [], {op: getattr(dist, op) for op in ("all_reduce", "reduce_scatter_single")}
+    reduced, originals = [], {op: getattr(dist, op) for op in ("all_reduce", "reduce_scatter_single",
+                                                                "reduce_scatter_tensor") if hasattr(dist, op)}
 
     def recorder(op):
         def recorded(*args, **kwargs):

@@ -13,6 +13,7 @@ own vectorised GELU beats inductor's code, so eager stays the default there (REA
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 import torch
@@ -25,12 +26,17 @@ _gelu_backward = torch.ops.aten.gelu_backward
 # 6 widths (qkv, proj and ffn tokens per TP shard, two shard sizes each where uneven) in one or two dtypes and
 # micro-batch shapes: 32 compilations per kernel leave room for that (torch's default limit is 8).
 RECOMPILE_LIMIT = 32
+_PER_FUNCTION_LIMIT = "recompile_limit" in inspect.signature(torch.compile).parameters  # PyTorch 2.13+
 _eager = False  # set when a compilation fails (no Triton, no C++ compiler): every kernel runs eager from then on
 
 
 def _compile(fn, backend="inductor"):
     """fn compiled for static shapes, falling back to eager (with one warning for all kernels) where it cannot be."""
-    compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, recompile_limit=RECOMPILE_LIMIT)
+    if _PER_FUNCTION_LIMIT:
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend, recompile_limit=RECOMPILE_LIMIT)
+    else:  # PyTorch before 2.13 has only the process-wide limit: raised, never lowered
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=backend)
 
     @functools.wraps(fn)
     def run(*args):

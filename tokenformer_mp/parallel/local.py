@@ -18,19 +18,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# Ranks fork from one server process that imported the trainer's libraries once: megatron-core alone takes 5-7 s to
-# import, which every spawned rank paid again (tests start a few hundred); a forked rank starts in 0.05 s.
-# The preload must never ask CUDA anything: once a process has (torch.cuda.is_available() included), a child forked
-# from it cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess"). DeepSpeed's import asks (its accelerator
-# detection), so where torch is built with CUDA every rank imports DeepSpeed itself; a CPU-only torch has no CUDA to
-# spoil, and DeepSpeed is preloaded there too (tests/test_launch.py checks the CUDA-free part with CUDA made to fail).
-PRELOAD_CUDA_FREE = ["megatron.core.parallel_state", "tokenformer_mp.train"]
+# Without a GPU, ranks fork from one server process that imported the trainer's libraries once: megatron-core alone
+# takes 5-7 s to import, which every spawned rank paid again (tests start a few hundred); a forked rank starts in
+# 0.05 s. With a GPU they are spawned: a process that has asked CUDA anything, is_available() included, cannot give
+# CUDA to a child forked from it ("Cannot re-initialize CUDA in forked subprocess"), and under a CUDA-built torch the
+# imports themselves ask (megatron-core through torch.utils.cpp_extension, torch's inductor, DeepSpeed's accelerator
+# detection: measured under torch 2.11+cu130). A child that never uses CUDA is unharmed by the asking, so a CPU host
+# keeps the fast start whatever torch it has. tests/test_gpu_node.py starts ranks both ways.
+PRELOAD = ["deepspeed", "megatron.core.parallel_state", "tokenformer_mp.train"]
 
 
-def preload_modules(cuda_built: bool | None = None) -> list[str]:
-    """What the rank server imports before forking: DeepSpeed too only where torch has no CUDA."""
-    cuda_built = torch.backends.cuda.is_built() if cuda_built is None else cuda_built
-    return PRELOAD_CUDA_FREE + ([] if cuda_built else ["deepspeed"])
+def start_method(gpu: bool | None = None) -> tuple[str, list[str]]:
+    """(how ranks start, what is imported before they do); gpu: whether they may use one (default: one is visible;
+    asking here is harmless, the forkserver is a fresh process)."""
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    return ("spawn", []) if gpu else ("forkserver", PRELOAD)
 
 
 def _worker(rank, world, port, fn, args, queue, env):
@@ -46,9 +48,12 @@ def _worker(rank, world, port, fn, args, queue, env):
         queue.put((rank, None, traceback.format_exc()))
 
 
-def run_ranks(world: int, fn, *args, timeout: float = 300.0) -> list:
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(preload_modules())
+def run_ranks(world: int, fn, *args, timeout: float = 300.0, gpu: bool | None = None) -> list:
+    """fn(*args) on `world` ranks; what each returned. gpu: start them as where a GPU is visible (default: if one is)."""
+    method, preload = start_method(gpu)
+    ctx = mp.get_context(method)
+    if preload:
+        ctx.set_forkserver_preload(preload)
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, dict(os.environ))) for r in range(world)]
