@@ -14,8 +14,8 @@ def _run(world: int, overrides: dict) -> list[dict]:
     return run_ranks(world, train, overrides)[0]
 
 
-def test_debug_training_loss_falls(minipile, tmp_path):
-    hist = _run(1, debug_overrides(minipile, tmp_path, **{
+def test_debug_training_loss_falls(corpus, tmp_path):
+    hist = _run(1, debug_overrides(corpus, tmp_path, **{
         "train.steps": 60, "train.micro_batch_size": 8, "train.grad_accum_steps": 1, "train.warmup_steps": 5,
         "train.eval_interval": 30, "train.eval_iters": 2, "train.log_interval": 10}))
     first, last = sum(h["loss"] for h in hist[:5]) / 5, sum(h["loss"] for h in hist[-5:]) / 5
@@ -60,8 +60,8 @@ LAYOUTS = {  # name: (world size, overrides); all with the same global batch as 
 
 
 @pytest.fixture(scope="module")
-def baseline(minipile, tmp_path_factory):
-    return _run(1, debug_overrides(minipile, tmp_path_factory.mktemp("base"), **{"train.steps": 3}))
+def baseline(corpus, tmp_path_factory):
+    return _run(1, debug_overrides(corpus, tmp_path_factory.mktemp("base"), **{"train.steps": 3}))
 
 
 def _assert_same(hist, ref, rel=1e-5):
@@ -72,9 +72,9 @@ def _assert_same(hist, ref, rel=1e-5):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_equals_one_process(name, minipile, baseline, tmp_path):
+def test_layout_equals_one_process(name, corpus, baseline, tmp_path):
     world, extra = LAYOUTS[name]
-    hist = _run(world, debug_overrides(minipile, tmp_path, **{"train.steps": 3, **extra}))
+    hist = _run(world, debug_overrides(corpus, tmp_path, **{"train.steps": 3, **extra}))
     _assert_same(hist, baseline)
 
 
@@ -102,69 +102,69 @@ def _dp_reductions(overrides: dict) -> list[bool]:
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_overlapped_gradient_reduction_runs_inside_backward(minipile, tmp_path, stage):
+def test_overlapped_gradient_reduction_runs_inside_backward(corpus, tmp_path, stage):
     """parallel.overlap_grad_reduce: the DP gradients go in buckets of grad_bucket_size elements, each reduced from
     inside backward as it fills, the last partial one after it (655k parameters in buckets of 200k: 4 reductions);
     without it one reduction, after backward."""
     kw = {"train.grad_accum_steps": 1, "parallel.zero_stage": stage}
-    plain = run_ranks(2, _dp_reductions, debug_overrides(minipile, tmp_path / "a", **kw))[0]
-    overlapped = run_ranks(2, _dp_reductions, debug_overrides(minipile, tmp_path / "b", **kw, **{
+    plain = run_ranks(2, _dp_reductions, debug_overrides(corpus, tmp_path / "a", **kw))[0]
+    overlapped = run_ranks(2, _dp_reductions, debug_overrides(corpus, tmp_path / "b", **kw, **{
         "parallel.overlap_grad_reduce": True, "parallel.grad_bucket_size": 200_000}))[0]
     assert plain == [False], plain
     assert overlapped == [True, True, True, False], overlapped
 
 
-def test_uneven_token_counts_at_tp4(minipile, tmp_path):
+def test_uneven_token_counts_at_tp4(corpus, tmp_path):
     uneven = {"train.steps": 3, "model.qkv_tokens": 126, "model.proj_tokens": 66, "model.ffn_tokens": 510}
-    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **uneven))
-    hist = _run(4, debug_overrides(minipile, tmp_path / "b", **uneven, **{"parallel.tp": 4}))
+    ref = _run(1, debug_overrides(corpus, tmp_path / "a", **uneven))
+    hist = _run(4, debug_overrides(corpus, tmp_path / "b", **uneven, **{"parallel.tp": 4}))
     _assert_same(hist, ref)
 
 
-def test_resume_is_exact(minipile, tmp_path):
+def test_resume_is_exact(corpus, tmp_path):
     """Stop at step 3 (checkpoint), start again: steps 4-6 equal the run that never stopped, bit for bit."""
     kw = {"train.steps": 6}
-    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
-    first = _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 3}))
+    ref = _run(1, debug_overrides(corpus, tmp_path / "a", **kw))
+    first = _run(1, debug_overrides(corpus, tmp_path / "b", **kw, **{"train.exit_after_steps": 3}))
     assert [h["step"] for h in first] == [1, 2, 3]
-    rest = _run(1, debug_overrides(minipile, tmp_path / "b", **kw))
+    rest = _run(1, debug_overrides(corpus, tmp_path / "b", **kw))
     assert [h["step"] for h in rest] == [4, 5, 6]
     assert [h["loss"] for h in first + rest] == [h["loss"] for h in ref]
     assert [h["grad_norm"] for h in first + rest] == [h["grad_norm"] for h in ref]
 
 
-def test_requeued_run_continues_from_its_own_checkpoint_not_its_starting_one(minipile, tmp_path):
+def test_requeued_run_continues_from_its_own_checkpoint_not_its_starting_one(corpus, tmp_path):
     """A run started from checkpoint.load (as after a growth), stopped, and started again with the same command (as
     Slurm requeues it) continues from its own checkpoint, and equals the run that never stopped."""
-    _run(1, debug_overrides(minipile, tmp_path / "start", **{"train.steps": 2}))
+    _run(1, debug_overrides(corpus, tmp_path / "start", **{"train.steps": 2}))
     kw = {"train.steps": 6, "checkpoint.load": str(tmp_path / "start" / "checkpoints")}
-    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
+    ref = _run(1, debug_overrides(corpus, tmp_path / "a", **kw))
     assert [h["step"] for h in ref] == [3, 4, 5, 6]
-    first = _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 2}))
-    rest = _run(1, debug_overrides(minipile, tmp_path / "b", **kw))
+    first = _run(1, debug_overrides(corpus, tmp_path / "b", **kw, **{"train.exit_after_steps": 2}))
+    rest = _run(1, debug_overrides(corpus, tmp_path / "b", **kw))
     assert [h["step"] for h in first] == [3, 4] and [h["step"] for h in rest] == [5, 6]
     assert [h["loss"] for h in first + rest] == [h["loss"] for h in ref]
 
 
-def test_resume_at_another_layout(minipile, tmp_path):
+def test_resume_at_another_layout(corpus, tmp_path):
     """A TP=1 checkpoint continues at TP=2 x PP=2 (layout-free copy, Adam state included) like the unbroken run."""
     kw = {"train.steps": 6}
-    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
-    _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 3}))
-    rest = _run(4, debug_overrides(minipile, tmp_path / "b", **kw, **{"parallel.tp": 2, "parallel.pp": 2}))
+    ref = _run(1, debug_overrides(corpus, tmp_path / "a", **kw))
+    _run(1, debug_overrides(corpus, tmp_path / "b", **kw, **{"train.exit_after_steps": 3}))
+    rest = _run(4, debug_overrides(corpus, tmp_path / "b", **kw, **{"parallel.tp": 2, "parallel.pp": 2}))
     assert [h["step"] for h in rest] == [4, 5, 6]
     for h, r in zip(rest, ref[3:]):
         assert abs(h["loss"] - r["loss"]) <= 1e-5 * r["loss"]
 
 
-def test_global_batch_gives_the_same_steps_at_any_data_parallel_size(minipile, tmp_path):
+def test_global_batch_gives_the_same_steps_at_any_data_parallel_size(corpus, tmp_path):
     """train.global_batch_size 4 of micro-batches of 2: 2 accumulation steps on one rank, 1 on two; each step reads
     the same samples whatever DP is, so a run stopped at DP=1 continues at DP=2 as the run that never stopped (losses
     and grad norms within 1e-5; steps at DP=2 from the start: the layout tests)."""
     kw = {"train.steps": 4, "train.global_batch_size": 4, "train.grad_accum_steps": None}
-    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
-    _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 2}))
-    rest = _run(2, debug_overrides(minipile, tmp_path / "b", **kw))
+    ref = _run(1, debug_overrides(corpus, tmp_path / "a", **kw))
+    _run(1, debug_overrides(corpus, tmp_path / "b", **kw, **{"train.exit_after_steps": 2}))
+    rest = _run(2, debug_overrides(corpus, tmp_path / "b", **kw))
     assert [h["step"] for h in rest] == [3, 4]
     for h, r in zip(rest, ref[2:]):
         assert abs(h["loss"] - r["loss"]) <= 1e-5 * r["loss"], (h["step"], h["loss"], r["loss"])
@@ -220,11 +220,11 @@ def _bf16_run(overrides: dict) -> dict:
     (2, {"train.micro_batch_size": 1, "parallel.zero_stage": 2}, "DeepSpeedZeroOptimizer"),  # fp32 partitions
     (2, {"train.micro_batch_size": 1, "parallel.grad_reduce_dtype": "bf16"}, "BF16_Optimizer"),  # the bandwidth option
 ], ids=["tp2_pp2", "dp2_zero1", "dp2_zero2", "dp2_bf16_reduce"])
-def test_bf16_accumulates_and_reduces_in_fp32(minipile, baseline, tmp_path, world, layout, optimizer):
+def test_bf16_accumulates_and_reduces_in_fp32(corpus, baseline, tmp_path, world, layout, optimizer):
     """bf16 as Megatron trains it: gradients summed over micro-batches in fp32 and reduced across data-parallel ranks
     in fp32 (bf16 with parallel.grad_reduce_dtype bf16), at every layout within bf16 rounding of the fp32 run (the
     same global batch: DP=2 x 1 sequence = 1 x 2)."""
-    r = run_ranks(world, _bf16_run, debug_overrides(minipile, tmp_path, **{"train.steps": 3, "train.precision": "bf16",
+    r = run_ranks(world, _bf16_run, debug_overrides(corpus, tmp_path, **{"train.steps": 3, "train.precision": "bf16",
                                                                           **layout}))[0]
     assert (r["accum"], r["optimizer"]) == ("torch.float32", optimizer)
     if world == 2:
@@ -235,14 +235,14 @@ def test_bf16_accumulates_and_reduces_in_fp32(minipile, baseline, tmp_path, worl
         assert abs(norm - ref["grad_norm"]) <= 5e-2 * ref["grad_norm"], (norm, ref["grad_norm"])
 
 
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path):
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     """An absurd learning rate blows the weights up: the run stops naming the step, the last good checkpoint stays."""
     import subprocess
     import sys
 
     from tests.conftest import REPO
     from tokenformer_mp.checkpoint import read_latest
-    args = _args(debug_overrides(minipile, tmp_path, **{"train.steps": 20, "train.lr": 1e30, "train.min_lr": 0.0,
+    args = _args(debug_overrides(corpus, tmp_path, **{"train.steps": 20, "train.lr": 1e30, "train.min_lr": 0.0,
                                                          "train.warmup_steps": 0, "checkpoint.save_interval": 1}))
     res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -255,14 +255,14 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path)
     assert read_latest(str(tmp_path / "checkpoints")) == f"global_step{step - 1}"
 
 
-def test_final_norm_is_not_decayed(minipile, tmp_path):
+def test_final_norm_is_not_decayed(corpus, tmp_path):
     """After one step, the final LayerNorm is the same with weight decay 0.1 or 0 (same gradients, no decay), while
     the decayed parameter tokens differ; at TP=2 x PP=2 as in one process."""
     from tokenformer_mp.checkpoint import load_tensors
 
     def one_step(wd, world, extra, name):
         run = tmp_path / name
-        _run(world, debug_overrides(minipile, run, **{"train.steps": 3, "train.exit_after_steps": 1,
+        _run(world, debug_overrides(corpus, run, **{"train.steps": 3, "train.exit_after_steps": 1,
                                                       "train.weight_decay": wd, **extra}))
         weights = load_tensors(str(run / "checkpoints" / "global_step1"))
         return {n: weights[n] for n in
