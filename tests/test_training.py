@@ -274,7 +274,9 @@ def test_final_norm_is_not_decayed(corpus, tmp_path):
     torch.testing.assert_close(a["final_norm.bias"], b["final_norm.bias"], rtol=0, atol=1e-6)
     assert not torch.equal(a["layers.0.ffn.key_tokens"], b["layers.0.ffn.key_tokens"])
     c = one_step(0.1, 4, {"parallel.tp": 2, "parallel.pp": 2}, "c")
-    assert_close_to_scale(c["final_norm.weight"], a["final_norm.weight"], 1e-6)
+    # Adam's first step is lr g / (|g| + eps): an element whose gradient is near eps (on the corpus, one at 3e-8: its
+    # step 1.11e-3, not 1.5e-3) carries the layouts' fp32 rounding, 5.4e-6 (the others 1.2e-7); decay moves 1.5e-4
+    assert_close_to_scale(c["final_norm.weight"], a["final_norm.weight"], 3e-5)
 
 
 @pytest.mark.parametrize("world,overrides", [
