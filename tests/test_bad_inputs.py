@@ -24,15 +24,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.conftest import MINIPILE, REPO, SHARED, debug_overrides
+from tests.conftest import NEOX, REPO, debug_overrides
 from tests.test_training import _args
 from tokenformer_mp.checkpoint import read_latest, scan, write_layout_free
 from tokenformer_mp.config import Config, ModelConfig
 from tokenformer_mp.data.preprocess import scratch_prefix
 from tokenformer_mp.model import TokenFormer
 
-TINY = str(MINIPILE / "tiny.jsonl.zst")
-NEOX = str(SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json")
 CKPT_MODEL = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, qkv_tokens=30, proj_tokens=18, ffn_tokens=70,
                          seq_length=32, vocab_size=1024)
 UNWRITABLE = "/sys/kernel"  # refuses new files even to root (sysfs); a read-only mount behaves the same
@@ -41,7 +39,7 @@ UNWRITABLE = "/sys/kernel"  # refuses new files even to root (sysfs); a read-onl
 @dataclass
 class Env:
     tmp: Path
-    data: dict  # the minipile fixture: indexed dataset prefix and SentencePiece model
+    data: dict  # the corpus fixture: its text, indexed dataset and SentencePiece model
     run: Path  # the run directory a trainer case would create
 
     def train(self, run_dir: str | None = None, **overrides) -> list[str]:
@@ -49,7 +47,7 @@ class Env:
         return ["--config", "configs/debug.yaml", *_args(debug_overrides(self.data, run_dir or self.run, **overrides))]
 
     def ckpt(self, corrupt: str | None = None) -> str:
-        """A small layout-free checkpoint (vocabulary 1024: it evaluates on minipile), optionally damaged."""
+        """A small layout-free checkpoint (vocabulary 1024: it evaluates on the corpus), optionally damaged."""
         path = self.tmp / "ckpt"
         if not path.exists():
             torch.manual_seed(0)
@@ -60,13 +58,17 @@ class Env:
             damage(path / "tensors" / "final_norm.bias.safetensors", corrupt)
         return str(path)
 
+    def text(self) -> bytes:
+        """The corpus's .jsonl.zst as it is on disk (compressed)."""
+        return Path(self.data["text"]).read_bytes()
+
     def file(self, name: str, content: bytes | str) -> str:
         path = self.tmp / name
         path.write_bytes(content.encode() if isinstance(content, str) else content)
         return str(path)
 
     def bad_prefix(self, idx: Callable[[bytes], bytes] = lambda b: b, bin_: Callable[[bytes], bytes] = lambda b: b):
-        """A copy of the minipile prefix with its .idx and/or .bin rewritten."""
+        """A copy of the corpus prefix with its .idx and/or .bin rewritten."""
         prefix = self.tmp / "bad_text_document"
         for ext, change in ((".idx", idx), (".bin", bin_)):
             Path(str(prefix) + ext).write_bytes(change(Path(self.data["prefix"] + ext).read_bytes()))
@@ -249,7 +251,7 @@ CASES = [
 
     # --- 0/3. the preprocessing tool: nothing under the final name unless documents were written ---
     Case("preprocess_binary_named_jsonl", "preprocess", lambda env: preprocess_args(
-        env, env.file("in.jsonl", Path(TINY).read_bytes())), ("no documents read from {tmp}/in.jsonl", "bad lines")),
+        env, env.file("in.jsonl", env.text())), ("no documents read from {tmp}/in.jsonl", "bad lines")),
     Case("preprocess_input_is_a_directory", "preprocess", lambda env: preprocess_args(env, other_dir(env)),
          ("input {tmp}/other is a directory, not a file: name its files, e.g. '{tmp}/other/*.jsonl.zst'",)),
     Case("preprocess_documents_all_empty", "preprocess", lambda env: preprocess_args(
@@ -264,12 +266,12 @@ CASES = [
          ("no documents read from {tmp}/in.jsonl (10 bad lines; the first: {tmp}/in.jsonl:1: missing key "
           "'content')",)),
     Case("preprocess_truncated_zst", "preprocess", lambda env: preprocess_args(
-        env, env.file("in.jsonl.zst", Path(TINY).read_bytes()[: os.path.getsize(TINY) // 2])),
+        env, env.file("in.jsonl.zst", env.text()[: len(env.text()) // 2])),
          ("{tmp}/in.jsonl.zst: corrupt or truncated zstd stream after line", "documents read from it",
           "stream ends inside a frame (truncated file)", "bytes decompressed", "pass --allow-truncated")),
     Case("preprocess_unwritable_output", "preprocess", lambda env: preprocess_args(
-        env, TINY, out=f"{UNWRITABLE}/tokenformer_out"), (f"{UNWRITABLE}/tokenformer_out_text_document.tmp",),
-         needs=lambda: os.path.isdir(UNWRITABLE)),
+        env, env.data["text"], out=f"{UNWRITABLE}/tokenformer_out"),
+         (f"{UNWRITABLE}/tokenformer_out_text_document.tmp",), needs=lambda: os.path.isdir(UNWRITABLE)),
 
     # --- 0/3. the resharding tool: never over its source or a run's checkpoints; a growth must grow ---
     Case("reshard_save_is_source", "reshard", lambda env: ["--load", env.ckpt(), "--save", env.ckpt(), "--overwrite",
@@ -383,11 +385,11 @@ def _scratch(env: Env) -> list[str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_refused_by_name(case, minipile, tmp_path, capsys, monkeypatch):
+def test_bad_input_is_refused_by_name(case, corpus, tmp_path, capsys, monkeypatch):
     if not case.needs():
         pytest.skip("not meaningful on this machine")
     monkeypatch.chdir(REPO)
-    env = Env(tmp_path, minipile, tmp_path / "run_new")
+    env = Env(tmp_path, corpus, tmp_path / "run_new")
     argv = case.argv(env)
     before = _snapshot(tmp_path)
     capsys.readouterr()
@@ -403,23 +405,23 @@ def test_bad_input_is_refused_by_name(case, minipile, tmp_path, capsys, monkeypa
     assert not _scratch(env) and not glob.glob(f"{UNWRITABLE}/tokenformer_*")
 
 
-def test_full_disk_names_the_path(minipile, tmp_path):
+def test_full_disk_names_the_path(corpus, tmp_path):
     """A write that fails (a full disk; here the file-size limit, which fails write() the same way) is one line
     naming the file, scratch or output, and leaves nothing behind. The limit is below one batch's scratch file, or
     above it (a batch of one document) but below the output. One process for both: megatron's import is slow."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
-    dataset = IndexedDataset(minipile["prefix"])  # held: its arrays are views of its memory map
+    dataset = IndexedDataset(corpus["prefix"])  # held: its arrays are views of its memory map
     sizes = 2 * dataset.sequence_lengths.astype(int)  # output bytes per document (uint16 tokens)
     runs = {"scratch": (1000, 64), "output": (2 * int(sizes.max()), 1)}  # (file-size limit, documents per batch)
     assert sizes.sum() > runs["output"][0]
-    envs = {where: Env(tmp_path / where, minipile, tmp_path / "run") for where in runs}
+    envs = {where: Env(tmp_path / where, corpus, tmp_path / "run") for where in runs}
     code = ["import resource, signal, sys", "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)",
             "sys.path.insert(0, 'tools')", "import preprocess_data"]
     for where, (limit, batch) in runs.items():
         envs[where].tmp.mkdir()
+        argv = preprocess_args(envs[where], corpus["text"], "--batch-size", str(batch))
         code += [f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))",
-                 f"print('rc', preprocess_data.main({preprocess_args(envs[where], TINY, '--batch-size', str(batch))}),"
-                 f" file=sys.stderr)"]
+                 f"print('rc', preprocess_data.main({argv}), file=sys.stderr)"]
     res = subprocess.run([sys.executable, "-c", "\n".join(code)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith(("error: ", "rc "))]
@@ -432,10 +434,10 @@ def test_full_disk_names_the_path(minipile, tmp_path):
         assert list(envs[where].tmp.iterdir()) == [] and not _scratch(envs[where])
 
 
-def test_divergence_in_fp32_stops_with_exit_3_and_keeps_the_good_checkpoints(minipile, tmp_path):
+def test_divergence_in_fp32_stops_with_exit_3_and_keeps_the_good_checkpoints(corpus, tmp_path):
     """An infinite grad norm in fp32 is divergence, not an fp16 overflow: exit 3 at that step, nothing saved after
     it; what was saved before stays complete and `latest`."""
-    args = _args(debug_overrides(minipile, tmp_path, **{
+    args = _args(debug_overrides(corpus, tmp_path, **{
         "train.steps": 20, "train.lr": 1e6, "train.min_lr": 0.0, "train.warmup_steps": 0,
         "checkpoint.save_interval": 1, "checkpoint.keep_last": 3}))
     res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],

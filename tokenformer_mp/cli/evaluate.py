@@ -1,6 +1,6 @@
 """Loss and perplexity of a checkpoint on an indexed dataset (prefix) or a .jsonl(.zst) file, as one JSON line.
 
-  tokenformer-evaluate --load runs/debug/checkpoints --data ../shared/data/minipile/val.jsonl.zst --max-docs 100
+  tokenformer-evaluate --load runs/debug/checkpoints --data data/sample/val.jsonl.zst --max-docs 100
 """
 import argparse
 import json
