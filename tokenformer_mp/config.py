@@ -17,8 +17,8 @@ import yaml
 
 from . import versions
 from .checkpoint_dirs import MANIFEST, is_checkpoint
-from .errors import ConfigError  # a leaf: data/, below this module, raises it too
 from .data.indexed import check_indexed_dataset
+from .errors import ConfigError  # a leaf: data/, below this module, raises it too
 from .tokenizer import build_tokenizer
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
@@ -107,11 +107,11 @@ class TrainConfig:
     # instead of 15. Same maths; meant for GPUs (on a CPU eager is faster, README Benchmarks).
     fused_pattention: bool = False
     # Keep each Pattention's scores but not their GELU (the value matmul's input, [tokens, n]); compute it again in
-    # backward: a third less activation memory for one more elementwise pass (README, Benchmarks).
+    # backward: a third less activation memory for one more elementwise pass (docs/benchmarks.md).
     recompute_pattention_gelu: bool = False
     # torch.compile each block (torchtitan's per-block compile): Inductor fuses the LayerNorms, rotary, Pattention's
     # norm and GELU and the residual adds around the matmuls (Triton on a GPU, C++ on a CPU). Same maths; the first
-    # step and the first evaluation pay for compiling (README, Benchmarks).
+    # step and the first evaluation pay for compiling (docs/benchmarks.md).
     compile: bool = False
     log_interval: int = 1
     exit_after_steps: int = 0  # >0: save and exit after this many steps of this invocation (schedule unchanged)
@@ -245,7 +245,9 @@ def _coerce(value, tp, key: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def from_dict(cls, data: dict, prefix: str = ""):
+    """A config dataclass (Config, or one section) from a mapping, every key checked and typed; `prefix` names a
+    nested section in messages."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -258,7 +260,7 @@ def _build(cls, data: dict, prefix: str = ""):
             raise ConfigError(f"{prefix}{key}: unknown key{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+            kwargs[key] = from_dict(tp, value, f"{prefix}{key}.")
         else:
             kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
     return cls(**kwargs)
@@ -341,7 +343,7 @@ def load_config(path: str | None = None, overrides: dict[str, object] | None = N
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     try:
-        return _build(Config, data)
+        return from_dict(Config, data)
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig, _build
+from .config import ModelConfig, from_dict
 from .model import KVCache, TokenFormer
 
 
@@ -64,7 +64,7 @@ def load_model(path: str, device: str = "cpu", dtype: str = "fp32") -> tuple[Tok
             state = {k.removeprefix("model."): v.float() for k, v in state.items()}
             data = {"tokenizer_type": "HFTokenizer", "tokenizer_model": os.path.join(path, "tokenizer.json")}
         else:
-            cfg = _build(ModelConfig, raw)
+            cfg = from_dict(ModelConfig, raw)
         model = TokenFormer(cfg)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith(".scale_tokens")]  # tau is in the config, set at build

@@ -8,7 +8,7 @@ row fits one kernel's reduction. When the parameter tokens are sharded (TP > 1) 
 all-reduce of its row statistic.
 
 The unscaled scores are kept for backward and scaled again there, in fp32 whatever the input dtype. On a CPU, ATen's
-own vectorised GELU beats inductor's code, so eager stays the default there (README, Benchmarks).
+own vectorised GELU beats inductor's code, so eager stays the default there (docs/benchmarks.md).
 """
 from __future__ import annotations
 

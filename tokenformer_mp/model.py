@@ -443,7 +443,7 @@ class FinalNorm(nn.LayerNorm):
 class _SoftmaxCrossEntropy(torch.autograd.Function):
     """Per-token cross entropy that keeps one fp32 [N, V] tensor, the softmax, and turns it into the gradient in
     place. F.cross_entropy keeps the log-probabilities and zero-fills a second [N, V] for the gradient: a third of
-    the loss's peak memory in fp32 (README, Benchmarks), and a memory pass per micro-batch."""
+    the loss's peak memory in fp32 (docs/benchmarks.md), and a memory pass per micro-batch."""
 
     @staticmethod
     def forward(ctx, logits, labels):  # [N, V], [N] -> [N]

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import MANIFEST, CheckpointError, OfflineWriter, check_target, read_manifest, resolve_source
-from .config import PATTENTION_KINDS, Config, ConfigError, _build, validate
+from .config import PATTENTION_KINDS, Config, ConfigError, from_dict, validate
 from .model import append_tokens, pattention_kind
 from .store import Store, StoreError
 
@@ -67,7 +67,7 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
     if os.path.exists(dst) and not os.path.exists(os.path.join(dst, MANIFEST)):
         raise CheckpointError(f"{dst} exists and is not a layout-free checkpoint (no {MANIFEST}): --overwrite "
                               f"replaces only one of those")
-    cfg: Config = _build(Config, manifest["config"])
+    cfg: Config = from_dict(Config, manifest["config"])
     old = copy.deepcopy(cfg.model)
     if tp is not None:
         cfg.parallel.tp = tp

@@ -58,7 +58,7 @@ def deepspeed_config(cfg: Config, dp: int, precision: str, rank_params: int | No
         "gradient_accumulation_steps": accum,
         "train_batch_size": t.micro_batch_size * accum * dp,
         "gradient_clipping": t.clip_grad,
-        # ZeRO-1 even at DP=1: with TP/PP it is the stage whose global grad norm is right (notes/stack-on-cpu.md).
+        # ZeRO-1 even at DP=1: with TP/PP it is the stage whose global grad norm is right (docs/design.md).
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16"},
