@@ -191,7 +191,8 @@ def write_layout_free(tensors: dict[str, torch.Tensor], cfg, out: str, note: dic
 
 def canonical_params(trainer) -> list[tuple[str, torch.nn.Parameter]]:
     """(canonical name, local parameter) in module order, the same on every rank of a stage."""
-    from .parallel.build import canonical_name  # here: it imports DeepSpeed and megatron-core (3.8 s measured after torch), which offline readers need not pay
+    # here: parallel.build imports DeepSpeed and megatron-core (3.8 s measured after torch); offline readers skip it
+    from .parallel.build import canonical_name
     out = []
     for name, p in trainer.model.named_parameters():
         if trainer.layout.pp > 1:
