@@ -526,9 +526,9 @@ def _check_bf16_grad_reduce(p: ParallelConfig) -> None:
         return
     alternative = ("with parallel.pp > 1 ZeRO-2 is refused, so leave it unset or train in fp32" if p.pp > 1 else
                    "use parallel.zero_stage 2, which overlaps the reduction in grad_bucket_size buckets")
-    raise ConfigError(f"parallel.{key}: has no effect in bf16 (train.precision bf16, or auto on a GPU) at parallel.zero_stage 1 (DeepSpeed's BF16_Optimizer, "
-                      f"plain and pipeline engine alike, reduces the gradients after backward in fixed 5e8-element "
-                      f"buckets): {alternative}")
+    raise ConfigError(f"parallel.{key}: has no effect in bf16 (train.precision bf16, or auto on a GPU) at "
+                      f"parallel.zero_stage 1 (DeepSpeed's BF16_Optimizer, plain and pipeline engine alike, reduces "
+                      f"the gradients after backward in fixed 5e8-element buckets): {alternative}")
 
 
 def _check_env(cfg: Config) -> None:
