@@ -1,13 +1,17 @@
-"""Training metrics in TensorBoard (default) and Weights & Biases (offline here), read back from what they wrote."""
+"""Training metrics in TensorBoard (default) and Weights & Biases (offline here), read back from what they wrote; and
+what the trainer prints."""
 import glob
 import json
 import struct
+import subprocess
+import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import debug_overrides
+from tests.conftest import REPO, debug_overrides
 from tests.runs import train
+from tests.test_training import _args
 from tokenformer_mp.config import ConfigError, load_config, validate
 from tokenformer_mp.parallel.local import run_ranks
 
@@ -88,3 +92,25 @@ def test_logging_config_is_validated():
         validate(cfg, check_paths=False)
     with pytest.raises(ConfigError, match="logging.tensorbord: unknown key"):
         load_config("configs/debug.yaml", {"logging.tensorbord": False})
+
+
+def test_the_console_holds_the_trainers_lines_only(sample, tmp_path):
+    """The trainer's output captured (a pipe, as in a log file): its own log lines, each on a line of its own (no
+    progress bar redrawn into them), and no library's INFO lines (megatron-core's dataset builder: a dozen and more)
+    unless --verbose."""
+    def run(run_dir, *extra):
+        args = _args(debug_overrides(sample, run_dir, **{"train.steps": 4, "train.log_interval": 2}))
+        res = subprocess.run([sys.executable, "-m", "tokenformer_mp.train", "--config", "configs/debug.yaml", *args,
+                              *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        return (res.stdout + res.stderr).splitlines()
+
+    lines = run(tmp_path / "quiet")
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split("|")[0].split()[1] for line in steps] == ["2/4", "4/4"], lines
+    assert not any("train:" in line or "\r" in line for line in lines), [x for x in lines if "train:" in x]
+    libraries = [line for line in lines if " INFO " in line and " INFO tokenformer_mp" not in line or "[INFO]" in line]
+    assert not libraries, libraries
+    assert any(" INFO tokenformer_mp" in line for line in lines)  # the project's own lines stay
+    verbose = run(tmp_path / "verbose", "--verbose")
+    assert sum(" INFO megatron.core.datasets" in line for line in verbose) >= 10

@@ -516,11 +516,11 @@ class Trainer:
             log.info("%s is complete (step %d of %d): nothing to train. A larger --train.steps continues it, another "
                      "--run-dir starts a new run.", self.run_dir, self.step, t.steps)
         self.measure_peak()
-        # Log files (Slurm) get the log lines, not redraws. Closed however the loop ends: an error then starts a line
-        # of its own, not the bar's.
         self.watchdog = HangWatchdog(self.run_dir, self.layout.rank, self.layout.world, t.hang_timeout_s)
-        with tqdm(total=t.steps, initial=self.step, disable=not self.is_logger, desc="train", dynamic_ncols=True,
-                  mininterval=0.1 if sys.stderr.isatty() else 30.0) as bar:
+        # A bar on a terminal only: a log file (Slurm's, a pipe) gets the log lines alone, not a bar's redraws with
+        # the lines written into them. Closed however the loop ends: an error then starts a line of its own.
+        with tqdm(total=t.steps, initial=self.step, disable=not (self.is_logger and sys.stderr.isatty()), desc="train",
+                  dynamic_ncols=True, mininterval=0.1) as bar:
             try:
                 last = self._train_loop(bar)
             finally:
@@ -552,14 +552,27 @@ def shutdown() -> None:
     ps.destroy_model_parallel()
 
 
+def quiet_libraries() -> None:
+    """The libraries' INFO lines (megatron-core's some 30 index-cache lines, the compiler probes of DeepSpeed's op
+    builders) off the console, the project's own and every warning kept. DeepSpeed's own logger does not propagate
+    and sets its level when imported: a filter, which it keeps."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("tokenformer_mp").setLevel(logging.INFO)
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    ap.add_argument("--verbose", action="store_true",
+                    help="the libraries' INFO lines too (megatron-core's dataset builder, DeepSpeed's engine)")
     args, rest = ap.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stdout)
+    if not args.verbose:
+        quiet_libraries()
     try:
         overrides = parse_overrides(rest)
         if args.run_dir:
