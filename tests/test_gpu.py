@@ -228,8 +228,9 @@ def test_export_hf_and_generate_on_the_device(sample, tmp_path):
     ckpt, dtype = str(tmp_path / "run" / "checkpoints"), "bf16" if BF16 else "fp32"
     export_hf(ckpt, str(tmp_path / "hf"), dtype=dtype)
     ours, _ = load_model(ckpt, device=DEVICE, dtype=dtype)
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True,
-                                              dtype=torch.bfloat16 if BF16 else torch.float32).to(DEVICE)
+    # dtype by .to(): the node's transformers may predate from_pretrained's dtype= (torch_dtype= before 4.56)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True).to(
+        DEVICE, torch.bfloat16 if BF16 else torch.float32)
     tokens = torch.randint(0, ours.cfg.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():
         record("transformers' logits against ours, relative", _rel(hf(tokens).logits, ours(tokens)),
