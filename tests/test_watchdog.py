@@ -9,11 +9,14 @@ import time
 from tests.conftest import REPO, debug_overrides
 from tests.runs import train
 from tests.test_training import _args
+from tokenformer_mp.config import load_config
 from tokenformer_mp.parallel.local import _free_port, run_ranks
 from tokenformer_mp.watchdog import HANG_EXIT, MIN_TIMEOUT_S, timeout_for
 
 
 def test_the_timeout_follows_the_step_time_after_warm_up():
+    assert load_config("configs/debug.yaml").hang_timeout() == 300  # half of parallel.timeout_s 600, at most 300
+    assert load_config("configs/debug.yaml", {"parallel.timeout_s": 60}).hang_timeout() == 30
     assert timeout_for(300, []) == 1200  # a process's first step: compilation, communicators
     assert timeout_for(300, [1.0] * 4) == 300  # warm-up: the configured timeout
     assert timeout_for(300, [1.0] * 4 + [2.5]) == MIN_TIMEOUT_S  # fast steps: the floor

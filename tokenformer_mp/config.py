@@ -117,8 +117,9 @@ class TrainConfig:
     exit_after_steps: int = 0  # >0: save and exit after this many steps of this invocation (schedule unchanged)
     # A step (and its boundary) not done in this many seconds ends the job with every rank's stacks and the ranks
     # that held it up named (tokenformer_mp/watchdog.py, exit 4); after 5 steps it follows 10x the slowest step, at
-    # least 60 s. Well under parallel.timeout_s, whose collective timeout names nobody. 0: off.
-    hang_timeout_s: float = 300.0
+    # least 60 s. Under parallel.timeout_s, whose collective timeout names nobody. None: half of parallel.timeout_s,
+    # at most 300 s. 0: off.
+    hang_timeout_s: float | None = None
     eval_interval: int = 50
     eval_iters: int = 5
 
@@ -204,6 +205,11 @@ class Config:
         pass them on: positions restarting per document, documents kept apart, or the sequence split over CP."""
         d = self.data
         return d.reset_position_ids or d.reset_attention_mask or self.parallel.cp > 1
+
+    def hang_timeout(self) -> float:
+        """train.hang_timeout_s, or its default: half of parallel.timeout_s, at most 300 s."""
+        t = self.train.hang_timeout_s
+        return min(300.0, self.parallel.timeout_s / 2) if t is None else t
 
 
 # --- building from dicts, with strict keys and types -------------------------------------------------------------
@@ -442,10 +448,11 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
     if t.precision == "bf16":
         _check_bf16_grad_reduce(p)
     need(p.timeout_s > 0, "parallel.timeout_s", "must be a positive number of seconds")
-    need(t.hang_timeout_s >= 0, "train.hang_timeout_s", f"{t.hang_timeout_s:g}: must be >= 0 (0: no hang watchdog)")
-    need(t.hang_timeout_s < p.timeout_s, "train.hang_timeout_s",
-         f"{t.hang_timeout_s:g} s is not under parallel.timeout_s {p.timeout_s} s: a hung collective would time out "
-         f"first, naming nobody (0 turns the watchdog off)")
+    if t.hang_timeout_s is not None:  # None: derived from parallel.timeout_s (Config.hang_timeout)
+        need(t.hang_timeout_s >= 0, "train.hang_timeout_s", f"{t.hang_timeout_s:g}: must be >= 0 (0: no hang watchdog)")
+        need(t.hang_timeout_s < p.timeout_s, "train.hang_timeout_s",
+             f"{t.hang_timeout_s:g} s is not under parallel.timeout_s {p.timeout_s} s: a hung collective would time "
+             f"out first, naming nobody (0 turns the watchdog off)")
     need(p.grad_reduce_dtype in ("fp32", "bf16"), "parallel.grad_reduce_dtype", f"{p.grad_reduce_dtype!r}: fp32 or bf16")
     need(p.pp <= m.num_layers, "parallel.pp", f"{p.pp} stages for {m.num_layers} layers")
     need(m.num_heads % p.tp == 0, "parallel.tp", f"tp={p.tp} does not divide model.num_heads={m.num_heads}")

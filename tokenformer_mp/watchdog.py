@@ -78,6 +78,7 @@ class HangWatchdog:
         self._main = threading.main_thread()
         self._exit = exit
         self._stop = threading.Event()
+        self.fired = threading.Event()
         self._thread = None
         if timeout_s > 0:
             self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
@@ -94,8 +95,12 @@ class HangWatchdog:
         self._deadline = None
 
     def close(self) -> None:
+        """Stop watching. Once fired, the report decides how the process ends (HANG_EXIT): the main thread, here after
+        whatever a broken collective raised in it (another rank exits first), waits for it instead of exiting 1."""
         self._stop.set()
         self._deadline = None
+        if self.fired.is_set():
+            self._thread.join()  # the report ends with os._exit; a test's exit hook returns
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
@@ -105,6 +110,7 @@ class HangWatchdog:
                 return
 
     def _fire(self, step: int, waited: float) -> None:
+        self.fired.set()
         try:
             self._report(step, waited)
         finally:  # whatever went wrong in the report, the job must not stay hung
