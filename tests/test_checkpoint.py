@@ -161,7 +161,7 @@ def test_import_official_layout_and_export(ckpt, tmp_path):
         import_neox(sd, CFG, str(tmp_path / "bad"))
 
 
-# The fields of the reference's own configs/tokenformer/150M_train_pile.yml (JSON with comments, as it ships).
+# The fields of the reference's own 150M_train_pile.yml, from its repository (JSON with comments, as it ships).
 NEOX_YML = """{
   "num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
   "qkv_slot_num": 30, "proj_slot_num": 18, "ffn_slot_num": 70,

@@ -1,4 +1,5 @@
-"""The docs point at things that exist: every relative link (and its #heading), every repository path they name."""
+"""The docs point at things that exist: every relative link (and its #heading), every repository path they name; and
+so do the code's comments and docstrings."""
 import re
 from pathlib import Path
 
@@ -37,3 +38,23 @@ def test_links_and_paths_exist(md):
         if not (REPO / path).exists():
             bad.append(f"path {path}: not in the repository")
     assert not bad, f"{md.relative_to(REPO)}:\n  " + "\n  ".join(bad)
+
+
+CODE = sorted(p for d in ("tokenformer_mp", "tools", "tests", "slurm") for p in (REPO / d).rglob("*")
+              if p.suffix in (".py", ".sh", ".sbatch") and "__pycache__" not in p.parts)
+# "docs/x.md" and "the README" style pointers in comments and docstrings; ../shared and run outputs are not ours
+COMMENT_PATH = re.compile(r"(?<![\w/.$-])((?:tools|configs|slurm|docs|tokenformer_mp)/[\w./-]*\w)")
+
+
+def _comments(path: Path) -> str:
+    """What a reader follows: comments (# ...) and triple-quoted blocks (docstrings); paths a program builds are plain
+    strings and not read."""
+    text = path.read_text()
+    return "\n".join(re.findall(r"#.*", text) + re.findall(r'"""(.*?)"""', text, re.S))
+
+
+def test_paths_named_in_code_comments_exist():
+    bad = [f"{p.relative_to(REPO)}: {path}" for p in CODE for path in COMMENT_PATH.findall(_comments(p))
+           if not (REPO / path).exists() and not any(c in path for c in "*{")
+           and len(Path(path).stem) > 1]  # tools/x.py, docs/X.md: placeholders in a description
+    assert not bad, "comments name paths that are not in the repository:\n  " + "\n  ".join(bad)
