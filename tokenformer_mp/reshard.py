@@ -97,7 +97,8 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
     value_std = 2.0 / cfg.model.num_layers / cfg.model.hidden_size**0.5  # as model.make_pattention
     keep_opt = optimizer == "keep" and manifest.get("optimizer") is not None
     try:
-        for name, e in tqdm(manifest["tensors"].items(), desc="reshard", disable=not progress, unit="tensor"):
+        for name, e in tqdm(manifest["tensors"].items(), desc="reshard", disable=None if progress else True,
+                            unit="tensor"):  # None: a bar on a terminal only, not redraws in a log
             tensors = {k: store.full(name, k) for k in e["keys"] if k == "weight" or keep_opt}
             kind = pattention_kind(name)
             if kind is not None and expand is not None:

@@ -254,7 +254,7 @@ def preprocess(
         for key, prefix in prefixes.items():
             outputs[key] = _AtomicIndexedDataset(prefix, dtype)
         tokens, filled = 0, dict.fromkeys(json_keys, 0)  # documents with a token besides EOD, by key
-        with tqdm(unit="doc", disable=not progress, desc="tokenize") as bar:
+        with tqdm(unit="doc", disable=None if progress else True, desc="tokenize") as bar:  # None: a terminal only
             for columns in ordered_map(pool, _encode_columns, enumerate(batches()), max_pending=4 * workers):
                 for key, (path, lengths) in zip(json_keys, columns):
                     flat = _take(path, dtype)
