@@ -99,7 +99,8 @@ def test_the_check_fails_loudly_without_cuda_and_rehearses_on_a_cpu(tmp_path):
     res, results = _check(tmp_path / "cuda", "--parts", "a,b", env={"CUDA_VISIBLE_DEVICES": ""})
     assert res.returncode == 1, res.stdout[-3000:]
     assert "CUDA is not available to this PyTorch" in results["stop"] and results["ok"] is False
-    assert [p["part"] for p in results["parts"]] == ["a"]
+    assert [(p["part"], p["status"]) for p in results["parts"]] == [("a", "passed")]  # it looked, and saw none
+    assert results["environment"]["gpus"] == 0 and results["environment"]["torch"] == torch.__version__
     assert "CUDA is not available" in (tmp_path / "cuda" / "out" / "log.txt").read_text()
     res, results = _check(tmp_path / "cpu", "--parts", "a", "--device", "cpu")
     assert res.returncode == 0, res.stdout[-3000:]

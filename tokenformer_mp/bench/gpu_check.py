@@ -47,11 +47,12 @@ class Part:
     sections: list[str] = field(default_factory=list)  # tools/benchmark.py sections
     on_cpu: bool = False  # rehearsed by --device cpu
     min_s: float = 30.0  # not started with less of the budget left
+    min_gpus: int = 1  # part a finds how many there are
 
 
 PARTS = [
     Part("a", "environment", "torch, CUDA, NCCL, the GPU, its bf16 8192^3 matmul TFLOP/s", 60,
-         sections=["environment"], on_cpu=True, min_s=10),
+         sections=["environment"], on_cpu=True, min_s=10, min_gpus=0),
     Part("b", "one_device_training", "the debug config on the bundled sample: 20 steps, save, stop, resume 5, "
          "bit-exact against the unbroken run (sync and async saves)", 150,
          tests=[(1, "test_resume_is_bit_exact_on_the_device[sync]"),
@@ -74,7 +75,7 @@ PARTS = [
          "transformers", 90, tests=[(1, "test_export_hf_and_generate_on_the_device")], on_cpu=True),
     Part("h", "layouts_over_nccl", "TP2, PP2, DP2, CP2 over NCCL against one process", 150,
          tests=[(2, f"test_layout_on_gpus_tracks_fp32_on_cpu[{n}]") for n in ("tp2", "pp2", "dp2", "cp2")]
-         + [(2, "test_srun_tasks_with_one_visible_gpu_each[2]")]),
+         + [(2, "test_srun_tasks_with_one_visible_gpu_each[2]")], min_gpus=2),
 ]
 
 
@@ -187,11 +188,13 @@ class Check:
 
     def run_part(self, part: Part) -> dict:
         row = {"part": part.key, "name": part.name, "what": part.what}
-        needs = min((n for n, _ in part.tests), default=1)
-        why = ("not rehearsed on a CPU" if self.device == "cpu" and not part.on_cpu else
-               f"needs {needs} GPUs, {self.gpus} visible" if self.device == "cuda" and needs > self.gpus else
-               f"{self.left():.0f} s of the budget left, {part.min_s:.0f} s needed" if self.left() < part.min_s
-               else None)
+        why = None
+        if self.device == "cpu" and not part.on_cpu:
+            why = "not rehearsed on a CPU"
+        elif self.device == "cuda" and part.min_gpus > self.gpus:  # self.gpus: what part a found
+            why = f"needs {part.min_gpus} GPUs, {self.gpus} visible"
+        elif self.left() < part.min_s:
+            why = f"{self.left():.0f} s of the budget left, {part.min_s:.0f} s needed"
         if why:
             self.log(f"[gpu_check] part {part.key} ({part.name}) skipped: {why}")
             return {**row, "status": "skipped", "why": why}
