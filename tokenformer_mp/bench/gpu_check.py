@@ -186,15 +186,18 @@ class Check:
             cmd.append(f"--timeout={int(max(10.0, timeout - 15))}")
         return cmd, ids  # -s: the tests' own output streams to log.txt as it comes
 
+    def why_skipped(self, part: Part) -> str | None:
+        if self.device == "cpu" and not part.on_cpu:
+            return "not rehearsed on a CPU"
+        if self.device == "cuda" and part.min_gpus > self.gpus:  # self.gpus: what part a found
+            return f"needs {part.min_gpus} GPUs, {self.gpus} visible"
+        if self.left() < part.min_s:
+            return f"{self.left():.0f} s of the budget left, {part.min_s:.0f} s needed"
+        return None
+
     def run_part(self, part: Part) -> dict:
         row = {"part": part.key, "name": part.name, "what": part.what}
-        why = None
-        if self.device == "cpu" and not part.on_cpu:
-            why = "not rehearsed on a CPU"
-        elif self.device == "cuda" and part.min_gpus > self.gpus:  # self.gpus: what part a found
-            why = f"needs {part.min_gpus} GPUs, {self.gpus} visible"
-        elif self.left() < part.min_s:
-            why = f"{self.left():.0f} s of the budget left, {part.min_s:.0f} s needed"
+        why = self.why_skipped(part)
         if why:
             self.log(f"[gpu_check] part {part.key} ({part.name}) skipped: {why}")
             return {**row, "status": "skipped", "why": why}
