@@ -75,7 +75,8 @@ def bench_mfu():
     else:
         runs = [(name + tag, "configs/debug.yaml", {**ov, **extra})
                 for name, ov in (("debug", small), ("4x512", wide)) for tag, extra in variants]
-    return [{"model": name, **measure(cfg, ov)} for name, cfg, ov in runs]
+    for name, cfg, ov in runs:  # one row at a time: a run cut short keeps the rows before it (main)
+        yield {"model": name, **measure(cfg, ov)}
 
 
 LAYOUTS = [("tp1", 1, {}), ("tp2", 2, {"parallel.tp": 2}), ("tp4", 4, {"parallel.tp": 4}),
@@ -264,11 +265,12 @@ def main(argv=None) -> int:
     from ..fileio import write_atomic
     for name in args.only or list(SECTIONS):
         fn, cols = SECTIONS[name]
-        rows = fn()
-        results[name] = rows
+        rows = results[name] = []
+        for row in fn():  # a section may yield its rows one at a time: each is kept as it comes
+            rows.append(row)
+            write_atomic(args.out, json.dumps(results, indent=1))  # a run cut short keeps what it measured
         print(f"\n## {name}\n" + table(rows, cols or [k for k in rows[0] if not isinstance(rows[0][k], (dict, list))]),
               flush=True)
-        write_atomic(args.out, json.dumps(results, indent=1))  # after every section: a run cut short keeps them
     print(f"\nwrote {args.out}")
     return 0
 
