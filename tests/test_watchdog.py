@@ -11,7 +11,7 @@ from tests.runs import train
 from tests.test_training import _args
 from tokenformer_mp.config import load_config
 from tokenformer_mp.parallel.local import _free_port, run_ranks
-from tokenformer_mp.watchdog import HANG_EXIT, MIN_TIMEOUT_S, timeout_for
+from tokenformer_mp.watchdog import HANG_EXIT, MIN_TIMEOUT_S, summary, timeout_for
 
 
 def test_the_timeout_follows_the_step_time_after_warm_up():
@@ -49,7 +49,9 @@ def test_a_rank_stuck_in_its_forward_is_named_with_every_stack(sample, tmp_path)
     summary = (tmp_path / "hang" / "summary.txt").read_text()
     assert summary.startswith("hang at step 3: held up by rank 1 on ") and "outside any collective: stuck" in summary
     reports = {r["rank"]: r for r in map(json.loads, summary.splitlines()[1:])}
-    assert hang_timeout <= reports[0]["waited_s"] < hang_timeout + 5 and reports[0]["where"].startswith("in a collective")
+    assert hang_timeout <= reports[0]["waited_s"] < hang_timeout + 5
+    assert reports[0]["where"].startswith("in a collective")
+    assert (reports[0]["forwards"], reports[1]["forwards"]) == (2, 1)  # rank 0 ran both micro-batches, rank 1 its 1st
     stuck = (tmp_path / "hang" / "rank1.txt").read_text()
     assert "outside any collective: stuck" in stuck and "in stuck" in stuck  # faulthandler: File ..., line N in stuck
     waiting = (tmp_path / "hang" / "rank0.txt").read_text()
@@ -82,3 +84,20 @@ def test_a_healthy_run_is_bit_identical_with_the_watchdog_on_or_off(sample, tmp_
     off = run_ranks(1, train, debug_overrides(sample, tmp_path / "off", **kw, **{"train.hang_timeout_s": 0}))[0]
     assert [(h["loss"], h["grad_norm"]) for h in on] == [(h["loss"], h["grad_norm"]) for h in off]
     assert not (tmp_path / "on" / "hang").exists()
+
+
+def test_the_summary_names_the_ranks_behind(tmp_path):
+    """On NCCL a collective returns at once: a rank waiting for another shows its next synchronisation, outside any
+    collective, like the stuck one. The forward passes into the step tell them apart; with equal counts (a collective
+    mismatch) the stacks do; a rank that never reported is named as such."""
+    def report(rank, forwards, where):
+        return {"rank": rank, "host": "n1", "pid": 1, "step": 7, "waited_s": 60.0, "forwards": forwards,
+                "where": where}
+    sync = "outside any collective: train_step (tokenformer_mp/train.py:316)"
+    line = summary([report(0, 8, sync), report(1, 3, "outside any collective: forward (x.py:1)"), report(2, 8, sync)],
+                   3, str(tmp_path))
+    assert line.startswith("hang at step 7: held up by rank 1 on n1 (3 forward passes into the step; outside")
+    assert "rank 0" not in line and "rank 2" not in line
+    line = summary([report(0, 8, "in a collective: all_reduce (c10d.py:1)"), report(1, 8, sync)], 3, str(tmp_path))
+    assert "held up by rank 1 on n1 (8 forward passes" in line and "rank 2 (no report" in line and "rank 0" not in line
+    assert (tmp_path / "summary.txt").read_text().splitlines()[0] == line

@@ -517,6 +517,7 @@ class Trainer:
                      "--run-dir starts a new run.", self.run_dir, self.step, t.steps)
         self.measure_peak()
         self.watchdog = HangWatchdog(self.run_dir, self.layout.rank, self.layout.world, self.cfg.hang_timeout())
+        self.model.register_forward_pre_hook(self.watchdog.forward_started)  # how far into a step a rank got
         # A bar on a terminal only: a log file (Slurm's, a pipe) gets the log lines alone, not a bar's redraws with
         # the lines written into them. Closed however the loop ends: an error then starts a line of its own.
         with tqdm(total=t.steps, initial=self.step, disable=not (self.is_logger and sys.stderr.isatty()), desc="train",

@@ -74,7 +74,7 @@ class HangWatchdog:
     def __init__(self, run_dir: str, rank: int, world: int, timeout_s: float, exit=os._exit):
         self.dir, self.rank, self.world, self.configured = os.path.join(run_dir, "hang"), rank, world, timeout_s
         self.step_times: list[float] = []
-        self._deadline, self._step, self._armed_at = None, 0, 0.0
+        self._deadline, self._step, self._armed_at, self.forwards = None, 0, 0.0, 0
         self._main = threading.main_thread()
         self._exit = exit
         self._stop = threading.Event()
@@ -84,7 +84,13 @@ class HangWatchdog:
             self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
             self._thread.start()
 
+    def forward_started(self, *_) -> None:
+        """A forward pass began (a forward pre-hook on the model): how far into the step this rank got."""
+        self.forwards += 1
+
     def arm(self, step: int) -> None:
+        if step != self._step:
+            self.forwards = 0  # counted per step: the step and its boundary share one count
         self._step, self._armed_at = step, time.monotonic()
         self._deadline = self._armed_at + timeout_for(self.configured, self.step_times)
 
@@ -121,7 +127,7 @@ class HangWatchdog:
         frame = sys._current_frames().get(self._main.ident)
         here = where(frame) if frame is not None else "outside any collective: (no main thread)"
         report = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "step": step,
-                  "waited_s": round(waited, 1), "where": here}
+                  "waited_s": round(waited, 1), "forwards": self.forwards, "where": here}
         with open(os.path.join(self.dir, f"rank{self.rank}.txt"), "w") as f:
             f.write(f"rank {self.rank} on {report['host']} (pid {report['pid']}): step {step} not finished after "
                     f"{waited:.0f} s; {here}\n\nPython stacks of every thread:\n")
@@ -158,14 +164,22 @@ class HangWatchdog:
 
 
 def summary(reports: list[dict], world: int, out_dir: str) -> str:
-    """The line that names who held the step up, also written to out_dir/summary.txt with every report."""
+    """The line that names who held the step up, also written to out_dir/summary.txt with every report.
+
+    The ranks behind are those with the fewest forward passes into the step, where the counts differ: the others
+    ran ahead into a collective that waits for them. That holds on NCCL too, where a collective returns at once and
+    a waiting rank's stack shows its next synchronisation instead. With equal counts, the ranks outside any
+    collective are named."""
     step = max(r["step"] for r in reports)
     silent = sorted(set(range(world)) - {r["rank"] for r in reports})
-    outside = [r for r in reports if r["where"].startswith("outside")]
-    if outside or silent:
-        named = ", ".join([f"rank {r['rank']} on {r['host']} ({r['where']})" for r in outside]
+    fewest = min(r["forwards"] for r in reports)
+    behind = [r for r in reports if r["forwards"] == fewest] \
+        if any(r["forwards"] != fewest for r in reports) else [r for r in reports if r["where"].startswith("outside")]
+    if behind or silent:
+        named = ", ".join([f"rank {r['rank']} on {r['host']} ({r['forwards']} forward pass"
+                           f"{'' if r['forwards'] == 1 else 'es'} into the step; {r['where']})" for r in behind]
                           + [f"rank {r} (no report: dead or stuck without Python)" for r in silent])
-        line = f"hang at step {step}: held up by {named}; the others wait in a collective"
+        line = f"hang at step {step}: held up by {named}; the others wait for it"
     else:
         line = f"hang at step {step}: every rank waits in a collective (a mismatch or a lost peer): " + \
                "; ".join(f"rank {r['rank']} {r['where']}" for r in sorted(reports, key=lambda r: r["rank"]))
