@@ -520,15 +520,15 @@ class Trainer:
         self.model.register_forward_pre_hook(self.watchdog.forward_started)  # how far into a step a rank got
         # A bar on a terminal only: a log file (Slurm's, a pipe) gets the log lines alone, not a bar's redraws with
         # the lines written into them. Closed however the loop ends: an error then starts a line of its own.
-        with tqdm(total=t.steps, initial=self.step, disable=not (self.is_logger and sys.stderr.isatty()), desc="train",
-                  dynamic_ncols=True, mininterval=0.1) as bar:
-            try:
+        try:
+            with tqdm(total=t.steps, initial=self.step, disable=not (self.is_logger and sys.stderr.isatty()),
+                      desc="train", dynamic_ncols=True, mininterval=0.1) as bar:
                 last = self._train_loop(bar)
-            finally:
-                self.watchdog.close()
-        self.saver.finish()  # a checkpoint still being written in the background: complete, then `latest`
-        self.train_batches.close()
-        self.metrics.close()
+            self.saver.finish()  # a checkpoint still being written in the background: complete, then `latest`
+        finally:  # after an error too: no input thread or event writer left running into the interpreter's exit
+            self.watchdog.close()
+            self.train_batches.close()
+            self.metrics.close()
         if self.is_logger and self.step == t.steps:
             from .plot import plot_loss
             plot_loss(self.run_dir)
@@ -587,12 +587,11 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.fit()
     # found at load time (a bad checkpoint, or rules it cannot satisfy) or in training (input that cannot be read:
     # DataError, a ConfigError)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        if dist.is_initialized():  # not left to the interpreter's exit (CI saw it abort once); no barrier: the
+            dist.destroy_process_group()  # other ranks may have stopped elsewhere
+        return 3 if isinstance(e, TrainingDiverged) else 2
     if trainer.is_logger and result:
         print(json.dumps({k: result[k] for k in ("step", "loss", "val_loss") if k in result}))
     stopped = trainer._stop_signal is not None and trainer.step < cfg.train.steps  # a late signal: done anyway
