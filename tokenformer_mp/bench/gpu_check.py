@@ -210,8 +210,9 @@ class Check:
             row["problems"].append(f"ran past its {timeout:.0f} s deadline")
         if not run["group_gone"]:
             row["problems"].append("processes of the part were still alive 30 s after it ended")
-        if self.device == "cuda" and gpu_processes():
-            row["problems"].append(f"the GPU still runs {gpu_processes()} after the part")
+        left = gpu_processes() if self.device == "cuda" else None
+        if left:
+            row["problems"].append(f"the GPU still runs {left} after the part")
         if ids:
             self._judge_tests(part, ids, row)
         else:
