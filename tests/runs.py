@@ -10,14 +10,14 @@ import torch
 
 
 def train(overrides: dict, config: str = "configs/debug.yaml") -> list[dict]:
-    from tokenformer_mp.train import train_history
+    from tokenformer_mp.trainer import train_history
     return train_history(config, overrides)
 
 
 def evaluate_after_load(overrides: dict, config: str = "configs/debug.yaml") -> float:
     """Build the trainer at its layout, load the checkpoint named by checkpoint.load, return the validation loss."""
     from tokenformer_mp.config import load_config
-    from tokenformer_mp.train import Trainer, shutdown
+    from tokenformer_mp.trainer import Trainer, shutdown
 
     trainer = Trainer(load_config(config, overrides))
     trainer.maybe_resume()
@@ -56,16 +56,15 @@ class FaultyDataset:
 
 def main_with_faulty_data(argv: list[str], at: int, fault: str, flag: str) -> int:
     """The trainer's main() (python -m tokenformer_mp.train) on a FaultyDataset of the data it was given."""
-    from tokenformer_mp import train
-    from tokenformer_mp.data import datasets
+    from tokenformer_mp import train, trainer
 
-    build = datasets.build_datasets  # the trainer imports it from the module when it runs: patched there
+    build = trainer.build_datasets  # patched where the trainer calls it
 
     def faulty(*args, **kw):
         train_ds, *rest = build(*args, **kw)
         return (FaultyDataset(train_ds, at, fault, flag), *rest)
 
-    datasets.build_datasets = faulty
+    trainer.build_datasets = faulty
     return train.main(argv)
 
 
@@ -84,3 +83,4 @@ def main_with_stuck_forward(argv: list[str], rank: int, call: int) -> int:
 
     model.TokenFormer.forward = stuck
     return train.main(argv)
+

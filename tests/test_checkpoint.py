@@ -411,9 +411,9 @@ def _resume_under_damage(overrides: dict, root: str, variants: list[str]) -> lis
     import logging
     import torch.distributed as dist
 
-    from tokenformer_mp.checkpoint import load_checkpoint
     from tokenformer_mp.config import load_config
-    from tokenformer_mp.train import Trainer, shutdown
+    from tokenformer_mp.engine_checkpoint import load_checkpoint
+    from tokenformer_mp.trainer import Trainer, shutdown
     trainer = Trainer(load_config("configs/debug.yaml", overrides))
     records = []
     handler = logging.Handler()
@@ -442,7 +442,7 @@ def _resume_under_damage(overrides: dict, root: str, variants: list[str]) -> lis
         dist.barrier()
         records.clear()
         try:
-            out.append((load_checkpoint(trainer, ckpt)["step"], " | ".join(records)))
+            out.append((load_checkpoint(trainer.live, ckpt).manifest["step"], " | ".join(records)))
         except CheckpointError as e:
             out.append(("error", str(e)))
     shutdown()
@@ -541,7 +541,7 @@ def _save_with_nan(overrides: dict) -> list[str]:
     """A NaN in the model's copy of a parameter on rank 1, then (that one repaired) in ZeRO's fp32 partition (the
     master weights) on rank 0: what each save attempt says."""
     from tokenformer_mp.config import load_config
-    from tokenformer_mp.train import Trainer, TrainingDiverged, shutdown
+    from tokenformer_mp.trainer import Trainer, TrainingDiverged, shutdown
     trainer = Trainer(load_config("configs/debug.yaml", overrides))
     trainer.fit()  # one step, saved
     trainer.step += 1
@@ -576,14 +576,14 @@ def test_nonfinite_state_is_never_saved(corpus, tmp_path):
 
 
 def _load_damaged(overrides: dict, paths: list[str]) -> list[str]:
-    from tokenformer_mp.checkpoint import load_checkpoint
     from tokenformer_mp.config import load_config
-    from tokenformer_mp.train import Trainer, shutdown
+    from tokenformer_mp.engine_checkpoint import load_checkpoint
+    from tokenformer_mp.trainer import Trainer, shutdown
     trainer = Trainer(load_config("configs/debug.yaml", overrides))
     out = []
     for path in paths:
         try:
-            load_checkpoint(trainer, path)
+            load_checkpoint(trainer.live, path)
             out.append("loaded")
         except CheckpointError as e:
             out.append(str(e))
@@ -689,10 +689,10 @@ def _host_buffers_of_saves(overrides: dict) -> list:
     import gc
     import weakref
 
-    from tokenformer_mp import checkpoint
+    from tokenformer_mp import engine_checkpoint as checkpoint
     from tokenformer_mp.config import load_config
     from tokenformer_mp.model import count_params
-    from tokenformer_mp.train import Trainer, shutdown
+    from tokenformer_mp.trainer import Trainer, shutdown
     buffers, copy = [], checkpoint._host_copy
 
     def recorded(items):
@@ -712,7 +712,7 @@ def _host_buffers_of_saves(overrides: dict) -> list:
     trainer.fit()  # one step, saved synchronously at the end
     out.append(alive())
     saver.async_save, trainer.step = True, trainer.step + 1
-    saver.save(trainer.step)
+    saver.save(trainer.step, trainer.run_record())
     out.append(alive())
     saver.finish()
     out.append(alive())

@@ -67,7 +67,7 @@ def test_a_rule_the_optimizer_cannot_see_is_an_error():
 def test_adam_step_lives_where_torch_puts_it():
     """Fused or capturable AdamW reads `step` on the parameter's device (a CPU step fails its first CUDA step); plain
     AdamW keeps it on the CPU. Checked against torch's own load_state_dict policy on a device that is not the CPU."""
-    from tokenformer_mp.checkpoint import adam_step_tensor
+    from tokenformer_mp.engine_checkpoint import adam_step_tensor
     p = torch.empty(3, device="meta")
     for group in ({"params": [0], "fused": True}, {"params": [0], "capturable": True}, {"params": [0]}):
         ours = adam_step_tensor(p, group, 7)
@@ -80,7 +80,7 @@ def _state_after_load(overrides: dict) -> list:
     """Every Adam state entry after the trainer loaded checkpoint.load (or its own checkpoints): its key, device and
     dtype, and those torch's own load_state_dict gives the same state; then one more step must run."""
     from tokenformer_mp.config import load_config
-    from tokenformer_mp.train import Trainer, shutdown
+    from tokenformer_mp.trainer import Trainer, shutdown
     trainer = Trainer(load_config("configs/debug.yaml", overrides))
     trainer.maybe_resume()
     base = trainer.engine.optimizer.optimizer  # the torch AdamW over ZeRO's flat fp32 partitions

@@ -90,7 +90,7 @@ def _dp_reductions(overrides: dict) -> list[bool]:
     import torch.distributed as dist
 
     from tokenformer_mp.config import load_config
-    from tokenformer_mp.train import Trainer, shutdown
+    from tokenformer_mp.trainer import Trainer, shutdown
     trainer = Trainer(load_config("configs/debug.yaml", overrides))
     inside, all_reduce = [], dist.all_reduce
 
@@ -192,7 +192,7 @@ def _bf16_run(overrides: dict) -> dict:
     from megatron.core import parallel_state as ps
 
     from tokenformer_mp.config import load_config
-    from tokenformer_mp.train import Trainer, shutdown
+    from tokenformer_mp.trainer import Trainer, shutdown
     trainer = Trainer(load_config("configs/debug.yaml", overrides))
     dp = tuple(dist.get_process_group_ranks(ps.get_data_parallel_group()))
     reduced, originals = [], {op: getattr(dist, op) for op in ("all_reduce", "reduce_scatter_single",

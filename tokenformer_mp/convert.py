@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import asdict
 
 import torch
+import yaml
+from safetensors.torch import save_file
 
 from .checkpoint import load_weights, model_config_of, write_layout_free
-from .fileio import atomic_dir, write_atomic
 from .config import Config, ConfigError, DataConfig, ModelConfig, validate
+from .fileio import atomic_dir, write_atomic
+from .inference import load_model
+from .model import TokenFormer
 
 # GPT-NeoX pipeline names (sequential.0 = embedding, 2..L+1 = layers, L+3 = final norm) -> ours, as one table.
 NEOX_LAYER = {
@@ -131,7 +136,6 @@ def import_neox(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out
             continue
         if ours is not None:
             tensors[ours] = t
-    from .model import TokenFormer
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in TokenFormer(model_cfg).named_parameters()}
     problems = unknown + [f"{n}: missing" for n in expected if n not in tensors]
@@ -145,9 +149,6 @@ def import_neox(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out
 
 def export_safetensors(ckpt: str, out_dir: str) -> str:
     """One model.safetensors (canonical names) + config.json, for inference and evaluation."""
-    from safetensors.torch import save_file
-
-    from .model import TokenFormer
     cfg = model_config_of(ckpt)
     model = TokenFormer(cfg)
     load_weights(model, ckpt)
@@ -155,7 +156,6 @@ def export_safetensors(ckpt: str, out_dir: str) -> str:
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"format": "tokenformer_mp"})
     os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
-    from dataclasses import asdict
     write_atomic(os.path.join(out_dir, "config.json"), json.dumps(asdict(cfg), indent=1))
     return out_dir
 
@@ -174,9 +174,6 @@ def export_neox(ckpt: str, out_dir: str) -> str:
     """Any checkpoint -> the reference's layout: pytorch_model.bin (GPT-NeoX pipeline names, fp32) and config.yml,
     so the paper's own code and evaluation pipeline run it. A grown checkpoint has no such form: the reference's
     Pattention takes tau = sqrt(current token count), ours pins it to the count before growth."""
-    import yaml
-
-    from .inference import load_model
     model, config = load_model(ckpt)
     cfg = model.cfg
     pinned = [f"{k}_scale_tokens={cfg.scale_tokens(k)} with {k}_tokens={cfg.tokens(k)}"

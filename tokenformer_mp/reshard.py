@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import MANIFEST, CheckpointError, OfflineWriter, check_target, read_manifest, resolve_source
-from .config import PATTENTION_KINDS, Config, ConfigError, from_dict, validate
+from .config import PATTENTION_KINDS, Config, ConfigError, from_dict, load_config, validate
 from .model import append_tokens, pattention_kind
 from .store import Store, StoreError
 
@@ -49,7 +49,6 @@ class ExpandPlan:
 
 
 def plan_from_config(cfg_path: str) -> dict[str, int]:
-    from .config import load_config
     m = load_config(cfg_path).model
     return {k: m.tokens(k) for k in PATTENTION_KINDS}
 

@@ -26,7 +26,7 @@ def _major_minor(version: str) -> tuple[int, int]:
 def check(torch_version: str | None = None, python: tuple[int, int] | None = None) -> list[str]:
     """Raise UnsupportedVersion below the minimum; return warnings for versions newer than tested."""
     if torch_version is None:
-        import torch  # here: callers that only ask about Python need not pay torch's import
+        import torch  # here: callers that only ask about Python need not pay torch's import (1-4 s)
         torch_version = torch.__version__
     py = python or sys.version_info[:2]
     lo, hi = PYTHON_SUPPORTED[0], PYTHON_SUPPORTED[-1]

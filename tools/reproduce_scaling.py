@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(overrides: dict) -> list[dict]:
     from tokenformer_mp.parallel.local import run_ranks
-    from tokenformer_mp.train import train_history
+    from tokenformer_mp.trainer import train_history
     return run_ranks(1, train_history, "configs/debug.yaml", overrides, timeout=3600)[0]
 
 

@@ -9,26 +9,26 @@ import time
 
 import torch
 
-from ..checkpoint import Saver, canonical_params, load_checkpoint, owned_segments
 from ..config import load_config
+from ..engine_checkpoint import Live, Saver, canonical_params, load_checkpoint, owned_segments
 from ..parallel.local import run_ranks
-from ..train import Trainer, shutdown
+from ..trainer import Trainer, shutdown
 from .synthetic import FixedVocab, RandomTokens
 
 
-def own_share(trainer) -> int:
+def own_share(live: Live) -> int:
     """The bytes a rank must read to resume at its own layout: its rows of every weight (fp32), and its ZeRO
     fragment of each Adam moment."""
-    weights = sum(p.numel() for _, p in canonical_params(trainer)) * 4
-    moments = sum(t.numel() for _, key, _, t in owned_segments_all(trainer) if key != "weight") * 4
+    weights = sum(p.numel() for _, p in canonical_params(live)) * 4
+    moments = sum(t.numel() for _, key, _, t in owned_segments_all(live) if key != "weight") * 4
     return weights + moments
 
 
-def owned_segments_all(trainer):
+def owned_segments_all(live: Live):
     """This rank's ZeRO fragments of every parameter it holds, written by it or not (a tied or TP-replicated copy
     is read although another rank writes it)."""
     out = []
-    for name, p in canonical_params(trainer):
+    for name, p in canonical_params(live):
         frag = getattr(p, "_hp_mapping", None)
         if frag is not None:
             out += [(name, key, 0, frag.get_hp_fragment(key)) for key in ("exp_avg", "exp_avg_sq")]
@@ -44,21 +44,21 @@ def _rank(config: str, overrides: dict, root: str) -> dict:
     trainer.step = 1
     out = {"rank": trainer.layout.rank}
     for mode, async_save in (("sync", False), ("async", True)):
-        saver = Saver(trainer, os.path.join(root, mode), keep_last=1, async_save=async_save)
+        saver = Saver(trainer.live, os.path.join(root, mode), keep_last=1, async_save=async_save)
         torch.distributed.barrier()
         start = time.perf_counter()
-        saver.save(trainer.step)
+        saver.save(trainer.step, trainer.run_record())
         out[f"{mode}_blocked_s"] = time.perf_counter() - start
         saver.finish()
         out[f"{mode}_total_s"] = time.perf_counter() - start
     shard = os.path.join(root, "sync", "global_step1", "shards", f"rank{trainer.layout.rank:05d}.safetensors")
     out["written_bytes"] = os.path.getsize(shard)
-    out["elements_written"] = sum(t.numel() for *_, t in owned_segments(trainer))
+    out["elements_written"] = sum(t.numel() for *_, t in owned_segments(trainer.live))
     torch.distributed.barrier()
     start = time.perf_counter()
-    load_checkpoint(trainer, os.path.join(root, "sync"))
+    loaded = load_checkpoint(trainer.live, os.path.join(root, "sync"))
     out["load_s"] = time.perf_counter() - start
-    out["read_bytes"], out["read_ideal"] = trainer.bytes_read, own_share(trainer)
+    out["read_bytes"], out["read_ideal"] = loaded.bytes_read, own_share(trainer.live)
     out["params"] = sum(p.numel() for p in trainer.model.parameters())
     shutdown()
     return out

@@ -8,6 +8,7 @@ import contextlib
 import sys
 from collections import defaultdict
 
+import deepspeed.comm.comm as ds_comm
 import torch
 import torch.distributed as dist
 
@@ -63,7 +64,6 @@ def count_collectives():
 
     # DeepSpeed's torch backend keeps its own references to two of them (ZeRO's gathers of updated parameters, the
     # pipeline engine's of partitioned activations): wrapped where it holds them
-    import deepspeed.comm.comm as ds_comm
     backend = ds_comm.cdb
     held = {a: getattr(backend, a) for a in ("all_gather_function", "reduce_scatter_function")
             if backend is not None and callable(getattr(backend, a, None))}

@@ -7,7 +7,7 @@ import statistics
 import tempfile
 
 from ..parallel.local import run_ranks
-from ..train import train_history
+from ..trainer import train_history
 
 
 def measure(config: str, overrides: dict, steps: int = 40, warmup: int = 5) -> list[dict]:

@@ -7,7 +7,7 @@ import tempfile
 
 from ..config import load_config
 from ..parallel.local import run_ranks
-from ..train import Trainer, shutdown
+from ..trainer import Trainer, shutdown
 
 
 class _Bf16Accumulation(Trainer):

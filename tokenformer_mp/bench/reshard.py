@@ -1,7 +1,6 @@
 """Resharding + expansion time and peak memory against checkpoint size (peak RSS should not grow with the model)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,11 +11,11 @@ import torch
 
 from ..checkpoint import OfflineWriter
 from ..config import load_config
+from ..model import TokenFormer
 
 
 def make_random_checkpoint(config: str, out: str, seed: int = 0) -> dict:
     """A weights-only layout-free checkpoint of the config's shapes, written one tensor at a time."""
-    from ..model import TokenFormer
     cfg = load_config(config)
     with torch.device("meta"):
         shapes = {n: tuple(p.shape) for n, p in TokenFormer(cfg.model).named_parameters()}

@@ -5,20 +5,18 @@ import statistics
 import tempfile
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from ..config import load_config
+from ..model import Block
 from ..parallel.local import run_ranks
+from ..trainer import Trainer
+from .comm import count_collectives, rank_bytes_per_step
+from .synthetic import FixedVocab, RandomTokens
 
 
 def _rank_run(config: str, overrides: dict) -> dict:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from ..model import Block
-    from ..train import Trainer
-    from .comm import count_collectives, rank_bytes_per_step
-    from .synthetic import FixedVocab, RandomTokens
-
     cfg = load_config(config, {**overrides, "train.eval_interval": 0, "checkpoint.save_interval": 0})
     t = cfg.train
     vocab = cfg.model.vocab_size or 4096

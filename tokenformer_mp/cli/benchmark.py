@@ -12,6 +12,11 @@ import platform
 import sys
 import tempfile
 
+import torch
+
+from ..config import load_config
+from ..fileio import write_atomic
+
 # Sections read configs/, data/ and ../shared of a checkout: the one this package is in (run from it, or installed
 # with pip install -e), else the current directory.
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -27,13 +32,14 @@ def table(rows: list[dict], cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+# Each section imports its measurement module (..bench.*) when it runs: `--only pattention` then imports neither
+# DeepSpeed nor megatron-core (4 s, measured on 2 cores), nor transformers (3 s).
 def bench_environment():
     from ..bench.environment import describe
     return [describe()]
 
 
 def bench_pattention():
-    import torch
     from ..bench.pattention import SHAPES, compare
     rows = [compare(*s) for s in SHAPES]
     if torch.cuda.is_available():
@@ -55,7 +61,6 @@ def bench_mfu():
     small = {"train.steps": 8, "model.vocab_size": 4096}
     wide = {**small, **{f"model.{k}": v for k, v in WIDE.items()}, "train.micro_batch_size": 4}
     variants = (("", {}), (" compiled", {"train.compile": True}))
-    import torch
     if torch.cuda.is_available():  # the paper's sizes, bf16 against the GPU's own measured bf16 matmul peak
         # Without activation recomputation (MFU counts model FLOPs only); 8 x 2048 tokens fit an 80 GB GPU either way.
         # The CPU's small models would only measure start-up on a GPU. Plain runs first: the 45% target.
@@ -92,7 +97,6 @@ LAYOUTS = [("tp1", 1, {}), ("tp2", 2, {"parallel.tp": 2}), ("tp4", 4, {"parallel
 
 
 def bench_layouts():
-    import torch
     from ..bench.train import measure
     base = {"train.steps": 6, "model.vocab_size": 4096}
     rows = []
@@ -108,7 +112,6 @@ def bench_layouts():
 def bench_activations():
     """Saved activations per rank by TP degree and sequence parallelism: the 4-layer 512-wide config of `mfu`."""
     from ..bench.memory import measure
-    from ..config import load_config
     cfg = load_config("configs/debug.yaml", {"model.vocab_size": 4096, **{f"model.{k}": v for k, v in WIDE.items()}})
     return measure(cfg.model, micro_batch=4)
 
@@ -116,7 +119,6 @@ def bench_activations():
 def bench_context_parallel():
     """Saved activations per rank by CP degree: the 4-layer 512-wide model at a 4,096-token context."""
     from ..bench.memory import by_context_parallel
-    from ..config import load_config
     wide = {**{f"model.{k}": v for k, v in WIDE.items()}, "model.seq_length": 4096}
     return by_context_parallel(load_config("configs/debug.yaml", {"model.vocab_size": 4096, **wide}).model, 1)
 
@@ -125,8 +127,6 @@ def bench_long_context():
     """Memory per 80 GB GPU of tokenformer-150m and -1.5b at 32k and 128k contexts by CP degree (8 GPUs of ZeRO-1),
     from their activations per token measured in bf16: the layouts that fit (docs/parallelism.md)."""
     from ..bench.memory import long_context_fit
-    from ..config import load_config
-    import torch
     # On a GPU the 150m rows the measurement is held to (the GPU check's part f); BENCH_LONG_CONTEXT_ALL=1 adds 1.5b,
     # whose per-token activations are measured on the host (minutes of a node's CPU, and its figures are in the docs).
     names = ("150m",) if torch.cuda.is_available() and not os.environ.get("BENCH_LONG_CONTEXT_ALL") else ("150m", "1.5b")
@@ -171,9 +171,7 @@ def bench_reshard():
 
 def bench_generate():
     """Greedy decoding with the KV cache against re-reading the context every token (random weights)."""
-    import torch
     from ..bench.generate import measure
-    from ..config import load_config
     debug = load_config("configs/debug.yaml", {"model.vocab_size": 4096}).model
     m150 = load_config("configs/tokenformer-150m.yaml").model
     rows = [measure(debug, 16, 100), measure(m150, 512, 64)]
@@ -258,11 +256,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench_out/benchmark.json")
     args = ap.parse_args(argv)
     os.chdir(REPO)
-    import torch
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    from ..fileio import write_atomic
     for name in args.only or list(SECTIONS):
         fn, cols = SECTIONS[name]
         rows = results[name] = []

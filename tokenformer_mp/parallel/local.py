@@ -25,7 +25,7 @@ def _free_port() -> int:
 # imports themselves ask (megatron-core through torch.utils.cpp_extension, torch's inductor, DeepSpeed's accelerator
 # detection: measured under torch 2.11+cu130). A child that never uses CUDA is unharmed by the asking, so a CPU host
 # keeps the fast start whatever torch it has. tests/test_gpu_node.py starts ranks both ways.
-PRELOAD = ["deepspeed", "megatron.core.parallel_state", "tokenformer_mp.train"]
+PRELOAD = ["deepspeed", "megatron.core.parallel_state", "tokenformer_mp.trainer"]
 
 
 def start_method(gpu: bool | None = None) -> tuple[str, list[str]]:
