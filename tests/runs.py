@@ -84,3 +84,17 @@ def main_with_stuck_forward(argv: list[str], rank: int, call: int) -> int:
     model.TokenFormer.forward = stuck
     return train.main(argv)
 
+
+def train_with_slow_rank(overrides: dict, rank: int, delay_s: float, config: str = "configs/debug.yaml") -> list[dict]:
+    """train(), with global rank `rank` sleeping `delay_s` before every forward of its model: a slow GPU or node."""
+    import torch.distributed as dist
+
+    from tokenformer_mp.config import load_config
+    from tokenformer_mp.trainer import Trainer, shutdown
+
+    trainer = Trainer(load_config(config, overrides))
+    if dist.get_rank() == rank:
+        trainer.model.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
+    trainer.fit()
+    shutdown()
+    return trainer.history

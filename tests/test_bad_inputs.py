@@ -168,6 +168,8 @@ CASES = [
     T("overlap_grad_reduce_auto_on_a_gpu", {"parallel.overlap_grad_reduce": True},
       "parallel.overlap_grad_reduce: has no effect in bf16", needs=torch.cuda.is_available),
     T("timeout_s_zero", {"parallel.timeout_s": 0}, "parallel.timeout_s: must be a positive number of seconds"),
+    T("straggler_threshold_negative", {"train.straggler_threshold": -0.1},
+      "train.straggler_threshold: -0.1: must be >= 0"),
     T("hang_timeout_s_negative", {"train.hang_timeout_s": -1}, "train.hang_timeout_s: -1: must be >= 0"),
     T("hang_timeout_s_not_under_timeout_s", {"train.hang_timeout_s": 600, "parallel.timeout_s": 600},
       "train.hang_timeout_s: 600 s is not under parallel.timeout_s 600 s"),

@@ -120,6 +120,10 @@ class TrainConfig:
     # least 60 s. Under parallel.timeout_s, whose collective timeout names nobody. None: half of parallel.timeout_s,
     # at most 300 s. 0: off.
     hang_timeout_s: float | None = None
+    # Every log interval, each rank's step time, input wait and time to its gradient reduction go to rank 0, which
+    # names the rank furthest behind (RUN/ranks.jsonl, tokenformer_mp/straggler.py); a straggler when its lag is over
+    # this fraction of the step time. 0: off.
+    straggler_threshold: float = 0.1
     eval_interval: int = 50
     eval_iters: int = 5
 
@@ -448,6 +452,8 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
     if t.precision == "bf16":
         _check_bf16_grad_reduce(p)
     need(p.timeout_s > 0, "parallel.timeout_s", "must be a positive number of seconds")
+    need(t.straggler_threshold >= 0, "train.straggler_threshold",
+         f"{t.straggler_threshold:g}: must be >= 0 (a fraction of the step time; 0: no straggler report)")
     if t.hang_timeout_s is not None:  # None: derived from parallel.timeout_s (Config.hang_timeout)
         need(t.hang_timeout_s >= 0, "train.hang_timeout_s", f"{t.hang_timeout_s:g}: must be >= 0 (0: no hang watchdog)")
         need(t.hang_timeout_s < p.timeout_s, "train.hang_timeout_s",

@@ -35,6 +35,7 @@ from .parallel.build import apply_compile, build_model, build_pipeline
 from .parallel.context_parallel import chunk_index
 from .parallel.launch import discover, init_distributed, pick_device
 from .plot import plot_loss
+from .straggler import StragglerReport
 from .tokenizer import build_tokenizer
 from .watchdog import HangWatchdog
 
@@ -173,6 +174,9 @@ class Trainer:
         self.lineage: list[dict] = []  # the loaded checkpoint's history (resharding, growth), carried into new saves
         self.saver = Saver(self.live, self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.row_rules = None  # installed at the first step, once a checkpoint (and its grown_from) is loaded
+        # a step of PP > 1 runs whole inside DeepSpeed's pipeline schedule: no point to time a rank's own work at
+        self.stragglers = StragglerReport(self.run_dir, self.device, lay.rank, lay.world, t.log_interval,
+                                          t.straggler_threshold, has_ready_point=lay.pp == 1)
 
     # --- engine -----------------------------------------------------------------------------------------------
     def _build_engine(self) -> None:
@@ -250,9 +254,11 @@ class Trainer:
             loss = self.engine.train_batch(data_iter=iter(batches)).item()
         else:
             total = None  # summed on the device: one host sync per step, not one per micro-batch
-            for inputs, (labels, mask) in batches:
+            for i, (inputs, (labels, mask)) in enumerate(batches):
                 out = self.engine(*forward_args(inputs, labels, mask))
                 total = out.detach().double() if total is None else total + out.detach().double()
+                if i == self.train_batches.accum - 1:  # the last backward starts the gradient reduction
+                    self.stragglers.ready()
                 self.engine.backward(out)
                 self.engine.step()
             loss = self._dp_mean(total.item() / self.train_batches.accum)
@@ -394,9 +400,11 @@ class Trainer:
             # the step's time counts its wait for input, whether at the last boundary or in the step
             start = time.perf_counter() - (self.train_batches.wait_s - waited)
             self.watchdog.arm(self.step + 1)
+            self.stragglers.begin(self.step + 1, start)
             loss, norm = self.train_step()
-            self.watchdog.disarm(finished=True)
             elapsed, input_wait = time.perf_counter() - start, self.train_batches.wait_s - waited
+            pace = self.stragglers.gather(self.step + 1, elapsed, input_wait)
+            self.watchdog.disarm(finished=True)
             # Only fp16's dynamic loss scale skips a step by design (overflow: scale lowered, step retried). DeepSpeed's
             # ZeRO counts a skip for an infinite grad norm in fp32 and bf16 too: there it is divergence.
             skipped = self.precision == "fp16" and getattr(self.engine, "skipped_steps", 0) > skipped_before
@@ -407,7 +415,7 @@ class Trainer:
             tps = self.tokens_per_step / elapsed
             rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
                    **self.mfu(tps), "step_time_s": elapsed, "input_wait_s": input_wait,
-                   "tokens_seen": self.step * self.tokens_per_step}
+                   "tokens_seen": self.step * self.tokens_per_step, **pace}
             if skipped:
                 rec["skipped"] = True
                 bar.write(f"step {self.step}: fp16 overflow, step skipped, loss scale lowered")
@@ -425,6 +433,9 @@ class Trainer:
                     line += f", vs datasheet bf16 peak {format_mfu(rec['mfu_datasheet'])}"
                 if "val_loss" in rec:
                     line += f" | val_loss {rec['val_loss']:.4f} | val_ppl {rec['val_ppl']:.2f}"
+                if rec.get("straggler"):
+                    line += (f" | straggler: rank {rec['slowest_rank']} ({rec['slowest_host']}) "
+                             f"{rec['slowest_lag_s']:.2f} s behind")
                 bar.write(line)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # redraws follow mininterval (TQDM_MININTERVAL in logs)
