@@ -406,7 +406,7 @@ class Saver:
                         "source_layout": _layout(tr),
                         "step": meta["step"], "tokens_seen": meta["step"] * tr.tokens_per_step,
                         "optimizer": {"step": meta["optimizer_step"]}, "engine": meta["engine"],
-                        "grown_from": tr.grown_from, "history": tr.lineage,
+                        "grown_from": tr.grown_from, "growth": tr.growth, "history": tr.lineage,
                         "files": {p["result"]["file"]: p["result"]["info"] for p in parts},
                         "rank_state": {str(r): p["result"]["rng"] for r, p in enumerate(parts)},
                         "tensors": table(shapes, segments)}
