@@ -12,6 +12,7 @@ from tests.conftest import debug_overrides
 from tests.runs import train
 from tests.test_checkpoint import CFG, TOKENS, _logits, ckpt  # noqa: F401 (ckpt: the fixture)
 from tokenformer_mp.checkpoint import load_tensors, model_config_of, read_manifest, write_layout_free
+from tokenformer_mp.cli.inspect_checkpoint import main as inspect_main
 from tokenformer_mp.cli.reshard import main as reshard_main
 from tokenformer_mp.config import Config, GrowthRecipe
 from tokenformer_mp.model import TokenFormer, pattention_kind
@@ -47,7 +48,7 @@ def test_default_recipe_is_bit_identical_to_before(tmp_path):
     assert [m["model"][f"{k}_scale_tokens"] for k in ("qkv", "proj", "ffn")] == [30, 18, 70]
 
 
-def test_recipe_is_recorded_in_the_lineage_and_read_back(ckpt, tmp_path):
+def test_recipe_is_recorded_in_the_lineage_and_read_back(ckpt, tmp_path, capsys):
     src, _ = ckpt
     recipe = GrowthRecipe(preset="reference", noise_std=0.01, seed=7, lr=1e-3, warmup_steps=5)
     _grow(src, str(tmp_path / "grown"), recipe)
@@ -60,6 +61,8 @@ def test_recipe_is_recorded_in_the_lineage_and_read_back(ckpt, tmp_path):
     reshard(str(tmp_path / "grown"), str(tmp_path / "tp2"), tp=2, progress=False)
     assert read_manifest(str(tmp_path / "tp2"))["growth"] == want
     assert recipe.resolved(model_config_of(str(tmp_path / "grown"))) == want
+    assert inspect_main([str(tmp_path / "tp2")]) == 0
+    assert "growth recipe preset=reference key_init=normal key_std=0.02" in capsys.readouterr().out
 
 
 def test_recipe_from_a_config_file_with_flags_over_it(ckpt, tmp_path):
