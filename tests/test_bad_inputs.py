@@ -183,6 +183,23 @@ CASES = [
     T("tensorboard_not_a_bool", {"logging.tensorboard": "maybe"}, "logging.tensorboard: expected true/false"),
     T("wandb_project_not_a_name", {"logging.wandb_project": "[1, 2]"}, "logging.wandb_project: expected str"),
     T("wandb_mode_unknown", {"logging.wandb_mode": "cloud"}, "logging.wandb_mode: 'cloud': online or offline"),
+    # the growth recipe (config.GrowthRecipe): the trainer's config section and the resharding tool read it
+    *[T(f"growth_{key}_{v}", {f"growth.{key}": v, **extra}, f"growth.{key}: {msg}") for key, v, extra, msg in [
+        ("preset", "paper", {}, "'paper' is not a recipe: preserve, reference"),
+        ("key_init", "ones", {}, "'ones': zeros or normal"),
+        ("key_std", 0, {}, "0.0: must be positive"),
+        ("value_init", "zeros", {}, "zeros with zero new keys: the new tokens would never learn"),
+        ("value_std", -1, {}, "-1.0: must be positive"),
+        ("noise_std", -0.1, {}, "-0.1: must be >= 0 (0: no noise)"),
+        ("noise", "gaussian", {}, "'gaussian': relative or absolute"),
+        ("tau", "fixed", {}, "'fixed': pinned or follow"),
+        ("optimizer", "sgd", {}, "'sgd': keep or reset"),
+        ("seed", -1, {}, "-1: must be within [0, 2**63)"),
+        ("lr", 0, {}, "0.0: must be positive (None: train.lr)"),
+        ("lr", "nan", {}, "nan is not a finite number"),
+        ("min_lr", 1e-3, {"growth.lr": 1e-4}, "0.001 is above the stage's lr 0.0001"),
+        ("warmup_steps", -1, {}, "-1: must be >= 0"),
+        ("steps", 0, {}, "0: must be positive (None: train.steps)")]],
     Case("checkpoint_load_missing", "train", lambda env: env.train(**{"checkpoint.load": f"{env.tmp}/none"}),
          ("checkpoint.load: {tmp}/none does not exist",)),
     Case("checkpoint_load_not_a_checkpoint", "train", lambda env: env.train(**{"checkpoint.load": other_dir(env)}),
@@ -299,6 +316,28 @@ CASES = [
           ("nan", "nan", "--expand-factor nan: must be a finite number above 1"),
           ("half", "0.5", "--expand-factor 0.5 < 1 shrinks every Pattention, dropping trained tokens: refused unless "
                           "shrinking is asked for explicitly (--allow-shrink); did you mean 2?")]],
+    *[Case(f"reshard_recipe_{name}", "reshard",
+           lambda env, flags=flags: ["--load", env.ckpt(), "--save", f"{env.tmp}/out", "--expand-factor", "2", *flags],
+           (msg,)) for name, flags, msg in [
+        ("unknown", ["--recipe", "paper"], "--recipe: 'paper' is not a recipe: preserve, reference"),
+        ("key_std_zero", ["--key-std", "0"], "--key-std: 0.0: must be positive"),
+        ("noise_std_negative", ["--noise-std", "-0.1"], "--noise-std: -0.1: must be >= 0"),
+        ("noise_std_nan", ["--noise-std", "nan"], "--noise-std: nan is not a finite number"),
+        ("tau_unknown", ["--tau", "sideways"], "--tau: 'sideways': pinned or follow"),
+        ("dead_new_tokens", ["--value-init", "zeros"], "--value-init: zeros with zero new keys"),
+        ("stage_lr_zero", ["--stage-lr", "0"], "--stage-lr: 0.0: must be positive"),
+        ("stage_min_lr_above_lr", ["--stage-lr", "1e-4", "--stage-min-lr", "1e-3"],
+         "--stage-min-lr: 0.001 is above the stage's lr 0.0001")]],
+    Case("reshard_recipe_without_growth", "reshard", lambda env: [
+        "--load", env.ckpt(), "--save", f"{env.tmp}/out", "--tp", "2", "--key-init", "normal"],
+         ("--key-init: a growth recipe setting, but nothing grows",)),
+    Case("reshard_optimizer_unknown", "reshard", lambda env: [
+        "--load", env.ckpt(), "--save", f"{env.tmp}/out", "--tp", "2", "--optimizer", "sgd"],
+         ("--optimizer: 'sgd': keep or reset",)),
+    Case("reshard_recipe_file_bad", "reshard", lambda env: [
+        "--load", env.ckpt(), "--save", f"{env.tmp}/out", "--expand-config",
+        env.file("stage.yaml", "model:\n  qkv_tokens: 60\ngrowth:\n  noise: gaussian\n")],
+         ("{tmp}/stage.yaml: growth.noise: 'gaussian': relative or absolute",)),
     Case("reshard_tokens_unchanged", "reshard", lambda env: [
         "--load", env.ckpt(), "--save", f"{env.tmp}/out", "--tokens", "qkv=30,proj=18,ffn=70"],
          ("expansion to the token counts the checkpoint has (qkv=30, proj=18, ffn=70) grows nothing",)),

@@ -16,7 +16,7 @@ from tokenformer_mp.parallel.local import run_ranks
 from tests.runs import evaluate_after_load, train
 from tokenformer_mp.checkpoint import (FORMAT, CheckpointError, load_weights, model_config_of, read_latest,
                                        read_manifest, verify, write_layout_free)
-from tokenformer_mp.config import Config, ModelConfig
+from tokenformer_mp.config import Config, GrowthRecipe, ModelConfig
 from tokenformer_mp.convert import (export_neox, export_safetensors, import_neox, model_config_from_neox,
                                     ours_to_neox, tokenizer_from_neox)
 from tokenformer_mp.inference import load_model
@@ -97,7 +97,7 @@ def test_expansion_with_zero_keys_preserves_the_function(ckpt, tmp_path, plan):
 def test_random_key_growth_changes_the_function(ckpt, tmp_path):
     src, _ = ckpt
     out = str(tmp_path / "grown")
-    reshard(src, out, expand=ExpandPlan({"qkv": 60, "proj": 36, "ffn": 140}, key_init="normal"), progress=False)
+    reshard(src, out, expand=ExpandPlan({"qkv": 60, "proj": 36, "ffn": 140}, GrowthRecipe(key_init="normal")), progress=False)
     assert not torch.allclose(_logits(src, TOKENS), _logits(out, TOKENS), atol=1e-4)
 
 
@@ -280,7 +280,7 @@ def test_unpinned_growth_lets_tau_follow_n(ckpt, tmp_path):
     """--no-pin-tau: the reference's growth; even zero keys then change the function (tau grew)."""
     src, _ = ckpt
     out = str(tmp_path / "grown")
-    reshard(src, out, expand=ExpandPlan({"qkv": 60, "proj": 36, "ffn": 140}, pin_tau=False), progress=False)
+    reshard(src, out, expand=ExpandPlan({"qkv": 60, "proj": 36, "ffn": 140}, GrowthRecipe(tau="follow")), progress=False)
     m = read_manifest(out)["model"]
     assert m["qkv_scale_tokens"] is None and model_config_of(out).scale_tokens("qkv") == 60
     assert not torch.allclose(_logits(src, TOKENS), _logits(out, TOKENS), atol=1e-4)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.conftest import NEOX, SAMPLE, assert_close_to_scale
 from tokenformer_mp.checkpoint import load_weights, write_layout_free
-from tokenformer_mp.config import NORMS, Config, ModelConfig, load_config
+from tokenformer_mp.config import NORMS, Config, GrowthRecipe, ModelConfig, load_config
 from tokenformer_mp.convert import export_neox, import_neox, model_config_from_neox, tokenizer_from_neox
 from tokenformer_mp.data.reader import read_texts
 from tokenformer_mp.hf.export import export_hf, hf_model, sentencepiece_to_tokenizers
@@ -107,7 +107,7 @@ def test_grown_checkpoint_keeps_its_pinned_tau(corpus, tmp_path):
                       seq_length=64, vocab_size=1024)
     _checkpoint(tmp_path / "ckpt", cfg, corpus["tokenizer"])
     reshard(str(tmp_path / "ckpt"), str(tmp_path / "grown"), progress=False,
-            expand=ExpandPlan({"qkv": 45, "proj": 40, "ffn": 100}, key_init="normal"))
+            expand=ExpandPlan({"qkv": 45, "proj": 40, "ffn": 100}, GrowthRecipe(key_init="normal")))
     grown, _ = load_model(str(tmp_path / "grown"))
     assert (grown.cfg.qkv_tokens, grown.cfg.qkv_scale_tokens) == (45, 30)
     assert main(["export-hf", "--load", str(tmp_path / "grown"), "--save", str(tmp_path / "bad"), "--tokenizer-type",

@@ -191,6 +191,86 @@ class LoggingConfig:
     wandb_mode: str = "online"  # online, or offline (a run directory under run_dir/wandb, `wandb sync` later)
 
 
+# Named growth recipes (docs/checkpoints.md); a GrowthRecipe field left None takes its preset's value.
+GROWTH_PRESETS: dict[str, dict] = {
+    # this project's: new keys zero and tau held at the old count keep the function exactly; Adam state kept
+    "preserve": {"key_init": "zeros", "value_init": "normal", "noise_std": 0.0, "noise": "relative",
+                 "tau": "pinned", "optimizer": "keep"},
+    # the paper's code (github.com/Haiyang-W/TokenFormer, custom_load_fn_incremental): the large model initialised
+    # as from scratch, the old tokens copied in front, tau = sqrt(new n), optimizer and LR schedule restarted
+    "reference": {"key_init": "normal", "value_init": "normal", "noise_std": 0.0, "noise": "relative",
+                  "tau": "follow", "optimizer": "reset"},
+}
+GROWTH_CHOICES = {"key_init": ("zeros", "normal"), "value_init": ("zeros", "normal"), "noise": ("relative", "absolute"),
+                  "tau": ("pinned", "follow"), "optimizer": ("keep", "reset")}
+GROWTH_STAGE_KEYS = ("lr", "min_lr", "warmup_steps", "steps")
+
+
+@dataclass
+class GrowthRecipe:
+    """How a checkpoint grows into this config's token counts (tools/reshard_checkpoint.py --expand-config reads
+    it; flags override) and how the grown model's new stage trains. The grown checkpoint records the resolved
+    recipe; the trainer runs the stage it records, and refuses a config whose growth section says otherwise."""
+    preset: str | None = None  # None: preserve
+    key_init: str | None = None  # new key tokens: zeros or normal
+    key_std: float | None = None  # None: model.init_std, as a fresh layer's keys
+    value_init: str | None = None  # new value tokens: zeros or normal
+    value_std: float | None = None  # None: 2 / num_layers / sqrt(hidden_size), as a fresh layer's values
+    noise_std: float | None = None  # Gaussian noise added to every old parameter token (0: none)
+    noise: str | None = None  # relative: noise_std times each tensor's own std; absolute: noise_std itself
+    tau: str | None = None  # pinned: tau stays sqrt(old n) (function kept); follow: sqrt(new n)
+    optimizer: str | None = None  # keep: Adam state for the old tokens (new ones start at zero); reset: none
+    seed: int | None = None  # new tokens and noise; None: 0
+    # The new stage's schedule (linear warmup, cosine from lr to min_lr at step `steps` after growth, then min_lr);
+    # None: train.lr, train.min_lr, train.warmup_steps, train.steps.
+    lr: float | None = None
+    min_lr: float | None = None
+    warmup_steps: int | None = None
+    steps: int | None = None
+
+    def is_set(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self))
+
+    def resolved(self, model: ModelConfig) -> dict:
+        """Every field decided for `model` (the grown one): the preset's values, the stds as numbers. The stage's
+        schedule stays None where train.* decides it."""
+        default = {**GROWTH_PRESETS[self.preset or "preserve"], "preset": "preserve", "key_std": model.init_std,
+                   "value_std": 2.0 / model.num_layers / math.sqrt(model.hidden_size), "seed": 0}
+        return {f.name: default.get(f.name) if getattr(self, f.name) is None else getattr(self, f.name)
+                for f in dataclasses.fields(self)}
+
+
+def check_growth(g: GrowthRecipe, name=lambda key: f"growth.{key}") -> None:
+    """Refuses a bad recipe, naming the key by `name(key)` (a YAML key, or the resharding tool's flag)."""
+    def need(cond: bool, key: str, msg: str):
+        if not cond:
+            raise ConfigError(f"{name(key)}: {msg}")
+
+    for f in dataclasses.fields(g):
+        v = getattr(g, f.name)
+        need(not isinstance(v, float) or math.isfinite(v), f.name, f"{v} is not a finite number")
+    need(g.preset is None or g.preset in GROWTH_PRESETS, "preset",
+         f"{g.preset!r} is not a recipe: {', '.join(GROWTH_PRESETS)}")
+    for key, choices in GROWTH_CHOICES.items():
+        v = getattr(g, key)
+        need(v is None or v in choices, key, f"{v!r}: {' or '.join(choices)}")
+    for key in ("key_std", "value_std"):
+        v = getattr(g, key)
+        need(v is None or v > 0, key, f"{v}: must be positive (None: a fresh layer's init)")
+    need(g.noise_std is None or g.noise_std >= 0, "noise_std", f"{g.noise_std}: must be >= 0 (0: no noise)")
+    need(g.seed is None or 0 <= g.seed < 2**63, "seed", f"{g.seed}: must be within [0, 2**63)")
+    preset = GROWTH_PRESETS[g.preset or "preserve"]
+    if (g.key_init or preset["key_init"]) == "zeros" and (g.value_init or preset["value_init"]) == "zeros":
+        need(False, "value_init", "zeros with zero new keys: the new tokens would never learn (a zero score "
+             "and a zero value give neither a gradient); make one of key_init and value_init normal")
+    need(g.lr is None or g.lr > 0, "lr", f"{g.lr}: must be positive (None: train.lr)")
+    need(g.min_lr is None or g.min_lr >= 0, "min_lr", f"{g.min_lr}: must be >= 0 (None: train.min_lr)")
+    need(g.lr is None or g.min_lr is None or g.min_lr <= g.lr, "min_lr", f"{g.min_lr} is above the stage's lr {g.lr}")
+    need(g.warmup_steps is None or g.warmup_steps >= 0, "warmup_steps",
+         f"{g.warmup_steps}: must be >= 0 (None: train.warmup_steps)")
+    need(g.steps is None or g.steps > 0, "steps", f"{g.steps}: must be positive (None: train.steps)")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -199,6 +279,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    growth: GrowthRecipe = field(default_factory=GrowthRecipe)
     run_dir: str = "runs/debug"
 
     def to_dict(self) -> dict:
@@ -434,6 +515,7 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
          f"{c.save_interval}: must be >= 0 (0: save only at the end, at exit_after_steps and on a stop signal)")
     need(c.keep_last >= 0, "checkpoint.keep_last", f"{c.keep_last}: must be >= 0 (0: keep every checkpoint)")
     need(t.old_tokens_lr_mult >= 0, "train.old_tokens_lr_mult", "must be >= 0 (0 freezes the old tokens)")
+    check_growth(cfg.growth)
     need(t.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision", f"{t.precision!r}: auto, fp32, bf16 or fp16")
     need(t.device in ("auto", "cpu", "cuda"), "train.device", f"{t.device!r}: auto, cpu or cuda")
 

@@ -271,7 +271,7 @@ class Saver:
                         "source_layout": self.live.layout.as_dict(),
                         "step": meta["step"], "tokens_seen": run["tokens_seen"],
                         "optimizer": {"step": meta["optimizer_step"]}, "engine": meta["engine"],
-                        "grown_from": run["grown_from"], "history": run["history"],
+                        "grown_from": run["grown_from"], "growth": run["growth"], "history": run["history"],
                         "files": {p["result"]["file"]: p["result"]["info"] for p in parts},
                         "rank_state": {str(r): p["result"]["rng"] for r, p in enumerate(parts)},
                         "tensors": table(shapes, segments)}

@@ -3,21 +3,24 @@
 Checkpoints are layout-free (tensors as segments of their flat index, any rank's rows readable), so "resharding"
 is: validate the target layout against the model, stamp it into the config, and copy tensor by tensor (read whole,
 verified, written to a file of its own); the trainer reads each rank's rows at load time.
-Expansion appends parameter tokens to every Pattention with zero keys (the function is unchanged: tau stays pinned
-to the old token count) and N(0, std) values, so the new tokens can learn.
+Expansion appends parameter tokens to every Pattention as a GrowthRecipe says (config.GROWTH_PRESETS): by default
+zero keys (the function is unchanged: tau stays pinned to the old token count) and N(0, std) values, so the new
+tokens can learn. The resolved recipe is recorded in the grown checkpoint (manifest `growth` and its history).
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
 
 from .checkpoint import MANIFEST, CheckpointError, OfflineWriter, check_target, read_manifest, resolve_source
-from .config import PATTENTION_KINDS, Config, ConfigError, from_dict, load_config, validate
+from .config import (PATTENTION_KINDS, Config, ConfigError, GrowthRecipe, check_growth, from_dict, load_config,
+                     validate)
 from .model import append_tokens, pattention_kind
 from .store import Store, StoreError
 
@@ -42,10 +45,18 @@ def plan_from_factor(model: dict, factor: float, allow_shrink: bool = False) -> 
 @dataclass
 class ExpandPlan:
     tokens: dict[str, int]  # target token count per Pattention kind
-    key_init: str = "zeros"
-    value_init: str = "normal"
+    recipe: GrowthRecipe = field(default_factory=GrowthRecipe)  # default: preserve (the function is kept)
     allow_shrink: bool = False
-    pin_tau: bool = True  # False: tau = sqrt(new n), the reference's growth (changes the function)
+
+
+def add_noise(t: torch.Tensor, std: float, relative: bool, seed: int, name: str) -> torch.Tensor:
+    """t + N(0, s), s = std x t's own std (relative) or std; drawn from a generator of this tensor's own, seeded
+    by (seed, name): the same noise whatever order the tensors are visited in."""
+    if std == 0:
+        return t
+    scale = std * t.float().std().item() if relative else std
+    g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return (t.float() + torch.randn(t.shape, generator=g).mul_(scale)).to(t.dtype)
 
 
 def plan_from_config(cfg_path: str) -> dict[str, int]:
@@ -54,9 +65,17 @@ def plan_from_config(cfg_path: str) -> dict[str, int]:
 
 
 def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, expand: ExpandPlan | None = None,
-            optimizer: str = "keep", seed: int = 0, overwrite: bool = False, progress: bool = True) -> dict:
-    """Returns the new manifest. optimizer: 'keep' (new tokens start with zero Adam state) or 'reset'."""
-    if optimizer not in ("keep", "reset"):
+            optimizer: str | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Returns the new manifest. optimizer: 'keep' (new tokens start with zero Adam state) or 'reset'; None: the
+    growth recipe's, or keep."""
+    if expand is not None:
+        try:
+            check_growth(expand.recipe)
+        except ConfigError as e:
+            raise CheckpointError(f"growth recipe: {e}") from None
+        if optimizer is not None and expand.recipe.optimizer not in (None, optimizer):
+            raise ValueError(f"optimizer={optimizer!r} but the growth recipe says {expand.recipe.optimizer!r}")
+    if optimizer not in (None, "keep", "reset"):
         raise ValueError(f"optimizer={optimizer!r}: keep or reset")
     src = resolve_source(src)
     manifest = read_manifest(src)
@@ -72,15 +91,19 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
         cfg.parallel.tp = tp
     if pp is not None:
         cfg.parallel.pp = pp
+    recipe = None
     if expand is not None:
+        recipe = expand.recipe.resolved(cfg.model)
+        recipe["optimizer"] = optimizer = optimizer or recipe["optimizer"]
         for kind, n in expand.tokens.items():
             have = old.tokens(kind)
             if n < have and not expand.allow_shrink:
                 raise CheckpointError(f"{kind}_tokens: {n} < {have} would drop trained tokens; "
                                       f"refused unless shrinking is asked for explicitly (--allow-shrink)")
             setattr(cfg.model, f"{kind}_tokens", n)
-            # tau stays what the layer was built with: pin it before the count changes
-            setattr(cfg.model, f"{kind}_scale_tokens", old.scale_tokens(kind) if expand.pin_tau else None)
+            # pinned: tau stays what the layer was built with, held before the count changes
+            setattr(cfg.model, f"{kind}_scale_tokens", old.scale_tokens(kind) if recipe["tau"] == "pinned"
+                    else None)
         if all(cfg.model.tokens(k) == old.tokens(k) for k in PATTENTION_KINDS):
             have = ", ".join(f"{k}={old.tokens(k)}" for k in PATTENTION_KINDS)
             raise CheckpointError(f"expansion to the token counts the checkpoint has ({have}) grows nothing: to move "
@@ -92,9 +115,9 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
 
     store = Store(src, manifest)
     writer = OfflineWriter(dst)
-    gen = torch.Generator().manual_seed(seed)
-    value_std = 2.0 / cfg.model.num_layers / cfg.model.hidden_size**0.5  # as model.make_pattention
-    keep_opt = optimizer == "keep" and manifest.get("optimizer") is not None
+    # one generator for every new token, in the manifest's tensor order (the growth this tool has always written)
+    gen = torch.Generator().manual_seed(recipe["seed"] if recipe else 0)
+    keep_opt = optimizer != "reset" and manifest.get("optimizer") is not None
     try:
         for name, e in tqdm(manifest["tensors"].items(), desc="reshard", disable=None if progress else True,
                             unit="tensor"):  # None: a bar on a terminal only, not redraws in a log
@@ -102,11 +125,13 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
             kind = pattention_kind(name)
             if kind is not None and expand is not None:
                 n_old, n_new = old.tokens(kind[0]), cfg.model.tokens(kind[0])
+                tensors["weight"] = add_noise(tensors["weight"], recipe["noise_std"], recipe["noise"] == "relative",
+                                              recipe["seed"], name)
                 if n_new < n_old:
                     tensors = {k: v[:n_new] for k, v in tensors.items()}
                 elif n_new > n_old:
-                    init = expand.key_init if kind[1] == "key_tokens" else expand.value_init
-                    std = cfg.model.init_std if kind[1] == "key_tokens" else value_std
+                    part = "key" if kind[1] == "key_tokens" else "value"
+                    init, std = recipe[f"{part}_init"], recipe[f"{part}_std"]
                     tensors = {k: (append_tokens(v, n_new - n_old, init, std, gen) if k == "weight"
                                    else append_tokens(v, n_new - n_old, "zeros", 0.0)) for k, v in tensors.items()}
             writer.add(name, tensors)
@@ -127,6 +152,9 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
         # which tokens are "old" (train.old_tokens_lr_mult): the counts before this growth
         "grown_from": ({k: min(old.tokens(k), cfg.model.tokens(k)) for k in PATTENTION_KINDS} if grown
                        else manifest.get("grown_from")),
+        # how it grew and how its new stage trains (the trainer runs this schedule); a move keeps the last one
+        "growth": recipe if grown else manifest.get("growth"),
         "history": manifest.get("history", []) + [{"from": src, "source_layout": manifest["source_layout"],
                                                    "target_layout": {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp},
-                                                   "expanded": grown, "optimizer": optimizer}]})
+                                                   "expanded": grown, "optimizer": optimizer or "keep",
+                                                   **({"recipe": recipe} if grown else {})}]})

@@ -6,12 +6,14 @@ Imported only after a config has been checked (tokenformer_mp.train): DeepSpeed 
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import deepspeed
 import torch
@@ -21,7 +23,7 @@ from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
 from .checkpoint import TAG, candidates, has_checkpoints
-from .config import Config, ConfigError, pad_vocab, load_config, to_yaml, validate
+from .config import GROWTH_STAGE_KEYS, Config, ConfigError, TrainConfig, load_config, pad_vocab, to_yaml, validate
 from .data.batches import Batches, Packing, forward_args
 from .data.datasets import build_cache, build_datasets, cache_dir_of, sample_counts, wait_for_cache
 from .engine_checkpoint import Live, Saver, canonical_params, load_checkpoint
@@ -96,13 +98,50 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
 
 
-def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup, then cosine from lr to min_lr at the last step."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * progress))
+@dataclass
+class Schedule:
+    """Linear warmup, then cosine from lr to min_lr at step `steps`, then min_lr."""
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    steps: int
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.steps - self.warmup_steps))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def schedule_of(t: TrainConfig, growth: dict | None = None, source: str = "") -> Schedule:
+    """train.*, with the new stage's values of a grown checkpoint's recipe (its manifest's `growth`) in their place
+    where the recipe sets them."""
+    stage = {k: (growth or {}).get(k) for k in GROWTH_STAGE_KEYS}
+    s = Schedule(**{k: getattr(t, k) if v is None else v for k, v in stage.items()})
+    if s.min_lr > s.lr:
+        keys = " and ".join(f"{'growth' if stage[k] is not None else 'train'}.{k}" for k in ("min_lr", "lr"))
+        raise ConfigError(f"{keys}: the stage would decay from {s.lr:g} up to {s.min_lr:g} ({source} was grown with "
+                          f"{', '.join(f'{k} {v}' for k, v in stage.items() if v is not None)}): set train.min_lr "
+                          f"to at most {s.lr:g}")
+    return s
+
+
+def check_recipe(cfg: Config, growth: dict | None, source: str | None) -> str | None:
+    """A config whose growth section says anything must say what the checkpoint was grown with: a stage trained
+    under another recipe than its lineage records would be mislabelled. One that says nothing takes the record.
+    Returns a note for the log where the section has nothing to apply to."""
+    if not cfg.growth.is_set():
+        return None
+    if growth is None:
+        return (f"growth.* in the config are not applied: {source or 'no checkpoint (checkpoint.load)'} was not "
+                f"grown with a recorded recipe")
+    mine = cfg.growth.resolved(cfg.model)
+    for key, recorded in growth.items():
+        if mine.get(key) != recorded:
+            raise ConfigError(f"growth.{key}: {mine.get(key)} in the config, but {source} was grown with "
+                              f"{recorded} (its recipe: {json.dumps(growth)}): set growth.{key} {recorded}, or "
+                              f"leave the config's growth section out to take the checkpoint's")
+    return None
 
 
 class Trainer:
@@ -172,6 +211,7 @@ class Trainer:
         self._stop_signal = None
         self.loaded_from, self.grown_from = None, None  # grown_from: token counts per kind before the last growth
         self.lineage: list[dict] = []  # the loaded checkpoint's history (resharding, growth), carried into new saves
+        self.growth = None  # the recipe the loaded checkpoint was grown with, carried into new saves
         self.saver = Saver(self.live, self.ckpt_dir, cfg.checkpoint.keep_last, cfg.checkpoint.async_save)
         self.row_rules = None  # installed at the first step, once a checkpoint (and its grown_from) is loaded
         # a step of PP > 1 runs whole inside DeepSpeed's pipeline schedule: no point to time a rank's own work at
@@ -202,7 +242,8 @@ class Trainer:
         # fused: one pass over the (ZeRO-flat) fp32 state instead of eight, on CPU and GPU alike
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                       eps=t.adam_eps, fused=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / t.lr)
+        self.schedule = schedule_of(t)  # a grown checkpoint's recipe replaces it when loaded (maybe_resume)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: self.schedule.lr_at(s) / t.lr)
         self.adamw = optimizer  # the torch optimizer DeepSpeed drives: row rules hook its step
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
@@ -292,8 +333,8 @@ class Trainer:
 
     def run_record(self) -> dict:
         """What a checkpoint's manifest records of the run besides its tensors."""
-        return {"config": self.cfg.to_dict(), "tokens_seen": self.step * self.tokens_per_step, "grown_from": self.grown_from,
-                "history": self.lineage}
+        return {"config": self.cfg.to_dict(), "tokens_seen": self.step * self.tokens_per_step,
+                "grown_from": self.grown_from, "growth": self.growth, "history": self.lineage}
 
     def _what_is_kept(self) -> str:
         """For the divergence messages: the checkpoint a restart resumes from, as it is on disk now."""
@@ -327,17 +368,23 @@ class Trainer:
         if own and self.cfg.checkpoint.load and self.is_logger:
             log.info("checkpoint.load %s is where the run started; it continues from its own checkpoints in %s",
                      self.cfg.checkpoint.load, self.ckpt_dir)
+        manifest = load_checkpoint(self.live, src).manifest if src is not None else {}
+        note = check_recipe(self.cfg, manifest.get("growth"), src)
+        if note and self.is_logger:
+            log.warning(note)
         if src is not None:
-            manifest = load_checkpoint(self.live, src).manifest
             self.step = manifest["step"]
             self.loaded_from, self.grown_from = src, manifest.get("grown_from")
-            self.lineage = manifest.get("history", [])
+            self.lineage, self.growth = manifest.get("history", []), manifest.get("growth")
+            self.schedule = schedule_of(self.cfg.train, self.growth, src)
             self.scheduler.last_epoch = self.step
             for group in self.optimizer.param_groups:
-                group["lr"] = lr_at(self.step, self.cfg)
+                group["lr"] = self.schedule.lr_at(self.step)
             self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
             if self.is_logger:
                 log.info("resumed from %s at step %d", src, self.step)
+                if self.growth is not None:
+                    log.info("grown with recipe %s; the stage's schedule: %s", json.dumps(self.growth), self.schedule)
 
     # --- loop -------------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):

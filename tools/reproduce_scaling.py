@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="delete the runs already in --out and start again")
     args = ap.parse_args(argv)
     os.chdir(REPO)
-    from tokenformer_mp.config import ConfigError, load_config, validate
+    from tokenformer_mp.config import ConfigError, GrowthRecipe, load_config, validate
     from tokenformer_mp.model import flops_per_token
     from tokenformer_mp.reshard import ExpandPlan, reshard
 
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     for name, key_init, pinned, old_mult in grown:
         ck = f"{out}/{name}-ckpt"
         # the reference's way (random keys) also lets tau follow the new token count
-        reshard(f"{out}/small/checkpoints", ck, expand=ExpandPlan(large, key_init=key_init, pin_tau=pinned is not None),
+        reshard(f"{out}/small/checkpoints", ck, expand=ExpandPlan(large, GrowthRecipe(
+                key_init=key_init, tau="pinned" if pinned is not None else "follow")),
                 overwrite=True, progress=False)
         h = run({**common, **tokens(large, pinned), "train.steps": args.steps_grown, "checkpoint.load": ck,
                  "train.old_tokens_lr_mult": old_mult, "run_dir": f"{out}/{name}"})

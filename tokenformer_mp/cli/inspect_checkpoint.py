@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     if m.get("grown_from"):
         print("grown from " + " ".join(f"{k}_tokens={v}" for k, v in m["grown_from"].items()) +
               "  (the old tokens: train.old_tokens_lr_mult)")
+    if m.get("growth"):  # the recipe it was grown with; the trainer runs its stage's schedule
+        print("growth recipe " + " ".join(f"{k}={v}" for k, v in m["growth"].items()))
     for name, e in m["tensors"].items():
         segments = sum(len(v) for v in e["segments"].values())
         print(f"  {name:<45} {str(e['shape']):<14} {e['dtype']:<8} {','.join(e['keys']):<28} {segments} segments")
