@@ -98,3 +98,56 @@ def train_with_slow_rank(overrides: dict, rank: int, delay_s: float, config: str
     trainer.fit()
     shutdown()
     return trainer.history
+
+
+class SpikyDataset:
+    """A training dataset whose samples in `bad` ranges [a, b) hold one token repeated (its text and its labels): a
+    batch of them makes the loss and the gradient jump, as a corrupt shard does."""
+
+    def __init__(self, ds, bad: list[tuple[int, int]], token: int = 7):
+        self.ds, self.bad, self.token = ds, bad, token
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        sample = self.ds[i]
+        if any(a <= i < b for a, b in self.bad):
+            sample = dict(sample)
+            for key in ("tokens", "labels"):
+                sample[key] = torch.full_like(sample[key], self.token)
+        return sample
+
+
+def _with_spiky_data(bad: list[tuple[int, int]]):
+    from tokenformer_mp import trainer
+
+    build = trainer.build_datasets  # patched where the trainer calls it
+
+    def spiky(*args, **kw):
+        train_ds, *rest = build(*args, **kw)
+        return (SpikyDataset(train_ds, bad), *rest)
+
+    trainer.build_datasets = spiky
+
+
+def train_with_spikes(overrides: dict, bad: list[tuple[int, int]], config: str = "configs/debug.yaml") -> dict:
+    """train() on the config's data with the samples in `bad` spiky; the history, the skipped sample ranges and the
+    first sample each step 0..steps-1 reads now."""
+    from tokenformer_mp.config import load_config
+    from tokenformer_mp.trainer import Trainer, shutdown
+
+    _with_spiky_data(bad)
+    trainer = Trainer(load_config(config, overrides))
+    trainer.fit()
+    starts = [trainer.train_batches.start_of(s) for s in range(trainer.cfg.train.steps)]
+    shutdown()
+    return {"history": trainer.history, "skipped": trainer.train_batches.skipped, "starts": starts}
+
+
+def main_with_spikes(argv: list[str], bad: list[tuple[int, int]]) -> int:
+    """The trainer's main() with the samples in `bad` spiky."""
+    from tokenformer_mp import train
+
+    _with_spiky_data(bad)
+    return train.main(argv)

@@ -168,6 +168,12 @@ CASES = [
     T("overlap_grad_reduce_auto_on_a_gpu", {"parallel.overlap_grad_reduce": True},
       "parallel.overlap_grad_reduce: has no effect in bf16", needs=torch.cuda.is_available),
     T("timeout_s_zero", {"parallel.timeout_s": 0}, "parallel.timeout_s: must be a positive number of seconds"),
+    T("spike_loss_factor_below_1", {"train.spike_loss_factor": 0.9},
+      "train.spike_loss_factor: 0.9: must be > 1"),
+    T("spike_grad_norm_factor_1", {"train.spike_grad_norm_factor": 1}, "train.spike_grad_norm_factor: 1: must be > 1"),
+    T("spike_window_0", {"train.spike_window": 0}, "train.spike_window: 0: must be >= 1"),
+    T("spike_max_skips_negative", {"train.spike_max_skips": -1}, "train.spike_max_skips: -1: must be >= 0"),
+    T("spike_max_rollbacks_negative", {"train.spike_max_rollbacks": -1}, "train.spike_max_rollbacks: -1: must be >= 0"),
     T("straggler_threshold_negative", {"train.straggler_threshold": -0.1},
       "train.straggler_threshold: -0.1: must be >= 0"),
     T("hang_timeout_s_negative", {"train.hang_timeout_s": -1}, "train.hang_timeout_s: -1: must be >= 0"),
@@ -485,7 +491,9 @@ def test_divergence_in_fp32_stops_with_exit_3_and_keeps_the_good_checkpoints(cor
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 3, res.stderr[-2000:]
     assert "fp16 overflow" not in res.stdout
-    m = re.search(r"error: step (\d+): loss (\S+), grad norm (\S+) is not finite; stopping", res.stderr)
+    # the spike guard rolls back twice (train.spike_max_rollbacks) to the last checkpoint, and meets it again
+    m = re.search(r"error: step (\d+): loss (\S+), grad norm (\S+) is not finite; 2 rollback\(s\) already "
+                  r"\(train.spike_max_rollbacks 2\): stopping", res.stderr)
     assert m is not None, res.stderr[-2000:]
     step = int(m.group(1))
     complete, partial = scan(str(tmp_path / "checkpoints"))

@@ -124,6 +124,15 @@ class TrainConfig:
     # names the rank furthest behind (RUN/ranks.jsonl, tokenformer_mp/straggler.py); a straggler when its lag is over
     # this fraction of the step time. 0: off.
     straggler_threshold: float = 0.1
+    # The spike guard (tokenformer_mp/spike_guard.py): a step whose loss is over spike_loss_factor x the median of the
+    # last spike_window applied steps', or whose grad norm is over spike_grad_norm_factor x theirs, is not applied;
+    # spike_max_skips of them within spike_window steps, or a non-finite loss, roll the run back to its newest
+    # checkpoint past their data; the rollback after spike_max_rollbacks ends the run (exit 3). A factor of 0: off.
+    spike_loss_factor: float = 1.5
+    spike_grad_norm_factor: float = 10.0
+    spike_window: int = 100
+    spike_max_skips: int = 5
+    spike_max_rollbacks: int = 2
     eval_interval: int = 50
     eval_iters: int = 5
 
@@ -534,6 +543,13 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
     if t.precision == "bf16":
         _check_bf16_grad_reduce(p)
     need(p.timeout_s > 0, "parallel.timeout_s", "must be a positive number of seconds")
+    for key in ("spike_loss_factor", "spike_grad_norm_factor"):
+        v = getattr(t, key)
+        need(v == 0 or v > 1, f"train.{key}", f"{v:g}: must be > 1 (a multiple of the recent median) or 0 (off)")
+    need(t.spike_window >= 1, "train.spike_window", f"{t.spike_window}: must be >= 1 (steps)")
+    need(t.spike_max_skips >= 0, "train.spike_max_skips", f"{t.spike_max_skips}: must be >= 0 (0: never roll back "
+         f"for spikes)")
+    need(t.spike_max_rollbacks >= 0, "train.spike_max_rollbacks", f"{t.spike_max_rollbacks}: must be >= 0")
     need(t.straggler_threshold >= 0, "train.straggler_threshold",
          f"{t.straggler_threshold:g}: must be >= 0 (a fraction of the step time; 0: no straggler report)")
     if t.hang_timeout_s is not None:  # None: derived from parallel.timeout_s (Config.hang_timeout)

@@ -272,6 +272,7 @@ class Saver:
                         "step": meta["step"], "tokens_seen": run["tokens_seen"],
                         "optimizer": {"step": meta["optimizer_step"]}, "engine": meta["engine"],
                         "grown_from": run["grown_from"], "growth": run["growth"], "history": run["history"],
+                        **{k: run[k] for k in ("skipped_samples",) if k in run},
                         "files": {p["result"]["file"]: p["result"]["info"] for p in parts},
                         "rank_state": {str(r): p["result"]["rng"] for r, p in enumerate(parts)},
                         "tensors": table(shapes, segments)}

@@ -22,7 +22,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state as ps
 from tqdm import tqdm
 
-from .checkpoint import TAG, candidates, has_checkpoints
+from .checkpoint import TAG, candidates, has_checkpoints, read_json
 from .config import GROWTH_STAGE_KEYS, Config, ConfigError, TrainConfig, load_config, pad_vocab, to_yaml, validate
 from .data.batches import Batches, Packing, forward_args
 from .data.datasets import build_cache, build_datasets, cache_dir_of, sample_counts, wait_for_cache
@@ -37,6 +37,7 @@ from .parallel.build import apply_compile, build_model, build_pipeline
 from .parallel.context_parallel import chunk_index
 from .parallel.launch import discover, init_distributed, pick_device
 from .plot import plot_loss
+from .spike_guard import SpikeGuard
 from .straggler import StragglerReport
 from .tokenizer import build_tokenizer
 from .watchdog import HangWatchdog
@@ -217,6 +218,10 @@ class Trainer:
         # a step of PP > 1 runs whole inside DeepSpeed's pipeline schedule: no point to time a rank's own work at
         self.stragglers = StragglerReport(self.run_dir, self.device, lay.rank, lay.world, t.log_interval,
                                           t.straggler_threshold, has_ready_point=lay.pp == 1)
+        self.guard = SpikeGuard(t.spike_loss_factor, t.spike_grad_norm_factor, t.spike_window, t.spike_max_skips,
+                                t.spike_max_rollbacks)
+        self._step_loss, self._verdict, self._saved_lr = None, None, []  # the step being judged (spike guard)
+        self.skip_file = os.path.join(self.run_dir, "skipped_samples.json")
 
     # --- engine -----------------------------------------------------------------------------------------------
     def _build_engine(self) -> None:
@@ -285,12 +290,35 @@ class Trainer:
                 if mult == 0.0 and old_rows:
                     zero_leading_rows_grad(p, old_rows)
         self.row_rules = RowRules(self.adamw, rules)
+        # after the row rules' hooks: a skipped step's rate is 0 when they run, so they change nothing either
+        self.adamw.register_step_pre_hook(self._skip_if_spike)
+        self.adamw.register_step_post_hook(self._restore_lr)
+
+    @torch.no_grad()
+    def _skip_if_spike(self, optimizer, args, kwargs) -> None:
+        """Inside DeepSpeed's step, after the global grad norm and before any update: a spike (SpikeGuard) steps no
+        parameter, and its rate is 0 for the row rules. Judged once a step (ZeRO may step its groups in turn)."""
+        if self._verdict is None:
+            norm = float(self.engine.optimizer._global_grad_norm)  # ZeRO's and the bf16 optimizer's, unclipped
+            self._verdict = self.guard.judge(self._step_loss, norm) or ""
+        if self._verdict:
+            for group in optimizer.param_groups:
+                self._saved_lr.append((group, group["lr"]))
+                group["lr"] = 0.0
+                for p in group["params"]:
+                    p.grad = None  # torch's optimizers pass over a parameter without a gradient: no moment, no step
+
+    def _restore_lr(self, optimizer, args, kwargs) -> None:
+        for group, lr in self._saved_lr:
+            group["lr"] = lr
+        self._saved_lr = []
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step (all micro-batches); returns (global mean loss, global grad norm)."""
         batches = self.train_batches.micro_batches(self.step)
         self.engine.train()
         self._install_row_rules()
+        self._step_loss, self._verdict = None, None
         if self.layout.pp > 1:
             loss = self.engine.train_batch(data_iter=iter(batches)).item()
         else:
@@ -298,11 +326,14 @@ class Trainer:
             for i, (inputs, (labels, mask)) in enumerate(batches):
                 out = self.engine(*forward_args(inputs, labels, mask))
                 total = out.detach().double() if total is None else total + out.detach().double()
-                if i == self.train_batches.accum - 1:  # the last backward starts the gradient reduction
+                last = i == self.train_batches.accum - 1
+                if last:  # the last backward starts the gradient reduction
                     self.stragglers.ready()
                 self.engine.backward(out)
+                if last:  # known before the step, which the spike guard judges
+                    self._step_loss = self._dp_mean(total.item() / self.train_batches.accum)
                 self.engine.step()
-            loss = self._dp_mean(total.item() / self.train_batches.accum)
+            loss = self._step_loss
         norm = self.engine.get_global_grad_norm()
         return loss, float(norm) if norm is not None else float("nan")
 
@@ -334,7 +365,9 @@ class Trainer:
     def run_record(self) -> dict:
         """What a checkpoint's manifest records of the run besides its tensors."""
         return {"config": self.cfg.to_dict(), "tokens_seen": self.step * self.tokens_per_step,
-                "grown_from": self.grown_from, "growth": self.growth, "history": self.lineage}
+                "grown_from": self.grown_from, "growth": self.growth, "history": self.lineage,
+                **({"skipped_samples": [list(r) for r in self.train_batches.skipped]} if self.train_batches.skipped
+                   else {})}
 
     def _what_is_kept(self) -> str:
         """For the divergence messages: the checkpoint a restart resumes from, as it is on disk now."""
@@ -372,19 +405,69 @@ class Trainer:
         note = check_recipe(self.cfg, manifest.get("growth"), src)
         if note and self.is_logger:
             log.warning(note)
+        # the samples rollbacks skipped: this run's record (kept across a kill right after a rollback) and what the
+        # checkpoint carries (a run started from another run's checkpoint)
+        skipped = read_json(self.skip_file, "the spike guard's skipped samples")["ranges"] \
+            if os.path.exists(self.skip_file) else []
+        skipped += [r for r in manifest.get("skipped_samples", []) if r not in skipped]
+        if skipped:
+            self.train_batches.skip(skipped)
+            if self.is_logger:
+                log.info("samples %s are skipped (spike guard rollbacks, %s)", skipped, self.skip_file)
         if src is not None:
-            self.step = manifest["step"]
             self.loaded_from, self.grown_from = src, manifest.get("grown_from")
             self.lineage, self.growth = manifest.get("history", []), manifest.get("growth")
             self.schedule = schedule_of(self.cfg.train, self.growth, src)
-            self.scheduler.last_epoch = self.step
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.schedule.lr_at(self.step)
-            self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+            self._go_to(manifest["step"])
             if self.is_logger:
                 log.info("resumed from %s at step %d", src, self.step)
                 if self.growth is not None:
                     log.info("grown with recipe %s; the stage's schedule: %s", json.dumps(self.growth), self.schedule)
+
+    def _record_spike(self, rec: dict, reason: str, bar) -> None:
+        """A spike's step, loss, grad norm and samples into its record (metrics.jsonl), RUN/spikes.jsonl and the log."""
+        first = self.train_batches.start_of(self.step - 1)
+        rec["spike"], rec["samples"] = reason, [first, first + self.train_batches.global_batch]
+        if self.is_logger:
+            with open(os.path.join(self.run_dir, "spikes.jsonl"), "a") as f:
+                f.write(json.dumps({k: rec[k] for k in ("step", "loss", "grad_norm", "spike", "samples")}) + "\n")
+            what = "applied: PP > 1 knows the loss after the step" if reason.endswith("(applied)") else "not applied"
+            bar.write(f"step {self.step}: spike ({reason.split()[0]}): loss {rec['loss']:.4f}, grad norm "
+                      f"{rec['grad_norm']:.3f}, samples [{rec['samples'][0]}, {rec['samples'][1]}): {what}")
+
+    def _go_to(self, step: int) -> None:
+        """The step a loaded checkpoint was saved at, and its learning rate."""
+        self.step = self.scheduler.last_epoch = step
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.schedule.lr_at(step)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
+    def _roll_back(self, why: str, consumed: int, bar) -> None:
+        """The spike guard's rollback (every rank reaches it at the same step): reload the newest complete checkpoint
+        and skip the samples from its step to the `consumed` steps whose data has been read."""
+        g = self.guard
+        src = self.ckpt_dir if has_checkpoints(self.ckpt_dir) else self.cfg.checkpoint.load
+        if src is None or g.rollbacks >= g.max_rollbacks:
+            reason = "no checkpoint to roll back to" if src is None else \
+                f"{g.rollbacks} rollback(s) already (train.spike_max_rollbacks {g.max_rollbacks})"
+            raise TrainingDiverged(f"{why}; {reason}: stopping. {self._what_is_kept()}")
+        self.saver.finish()
+        loaded = load_checkpoint(self.live, src)
+        back_to = loaded.manifest["step"]
+        skip = [self.train_batches.start_of(back_to), self.train_batches.start_of(consumed)]
+        ranges = [list(r) for r in self.train_batches.skipped] + [skip]
+        self.train_batches.skip(ranges)
+        self._go_to(back_to)
+        g.rolled_back()
+        bar.n = back_to
+        if self.is_logger:
+            write_atomic(self.skip_file, json.dumps({"ranges": ranges}))
+            event = {"event": "rollback", "why": why, "to_step": back_to, "checkpoint": loaded.path,
+                     "skipped_samples": skip, "rollback": g.rollbacks}
+            with open(os.path.join(self.run_dir, "spikes.jsonl"), "a") as f:
+                f.write(json.dumps(event) + "\n")
+            bar.write(f"{why}: rolled back to step {back_to} ({loaded.path}), samples [{skip[0]}, {skip[1]}) "
+                      f"skipped (rollback {g.rollbacks} of at most {g.max_rollbacks})")
 
     # --- loop -------------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame):
@@ -455,9 +538,13 @@ class Trainer:
             # Only fp16's dynamic loss scale skips a step by design (overflow: scale lowered, step retried). DeepSpeed's
             # ZeRO counts a skip for an infinite grad norm in fp32 and bf16 too: there it is divergence.
             skipped = self.precision == "fp16" and getattr(self.engine, "skipped_steps", 0) > skipped_before
-            if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):
-                raise TrainingDiverged(f"step {self.step + 1}: loss {loss}, grad norm {norm} is not finite; stopping. "
-                                       f"{self._what_is_kept()}")
+            if not math.isfinite(loss) or (not math.isfinite(norm) and not skipped):  # DeepSpeed did not apply it
+                self._roll_back(f"step {self.step + 1}: loss {loss}, grad norm {norm} is not finite",
+                                self.step + 1, bar)
+                waited = self.train_batches.wait_s
+                continue
+            # a spike, not applied (judged inside the step); at PP > 1 a loss spike is known only now, applied
+            spike = self._verdict or (self.layout.pp > 1 and self.guard.judge(loss, None) and "loss (applied)")
             self.step += 1
             tps = self.tokens_per_step / elapsed
             rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": tps,
@@ -466,6 +553,8 @@ class Trainer:
             if skipped:
                 rec["skipped"] = True
                 bar.write(f"step {self.step}: fp16 overflow, step skipped, loss scale lowered")
+            if spike:
+                self._record_spike(rec, spike, bar)
             skipped_before = getattr(self.engine, "skipped_steps", 0)
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.steps):
                 val = self.evaluate()
@@ -486,6 +575,12 @@ class Trainer:
                 bar.write(line)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)  # redraws follow mininterval (TQDM_MININTERVAL in logs)
+            self.guard.record(self.step, loss, norm, spike=bool(spike))
+            if self.guard.must_roll_back():
+                self._roll_back(f"step {self.step}: {len(self.guard.spikes)} spikes within train.spike_window "
+                                f"{t.spike_window} steps", self.step, bar)
+                waited = self.train_batches.wait_s
+                continue
             last.update(rec)
             save_every = self.cfg.checkpoint.save_interval
             exiting = t.exit_after_steps and self.step - first_step >= t.exit_after_steps

@@ -2,7 +2,8 @@
 
 Deterministic: global step s reads samples [s*G, (s+1)*G) of the (already shuffled) dataset, G the global batch, and
 a data-parallel rank its slice of those, micro-batch by micro-batch. The data position is therefore the step itself,
-which makes a resume exact, and a step reads the same samples whatever the data-parallel size.
+which makes a resume exact, and a step reads the same samples whatever the data-parallel size. Sample ranges a spike
+guard's rollback skipped (`skip`) move every later step past them, in sample indices, so at any layout too.
 
 With `prefetch` > 0 a thread assembles the next steps' micro-batches (samples stacked into tensors; in pinned
 memory when the device is a GPU) while the current step trains, as Megatron's DataLoader workers do, and each is
@@ -97,14 +98,29 @@ class Batches:
         self._stop: threading.Event | None = None
         self._next = None  # the step the thread's next queued batch belongs to
         self._held: tuple[int, list[HostBatch]] | None = None  # taken from the queue by wait(), not yet trained on
+        self.skipped: list[tuple[int, int]] = []  # sample ranges [a, b) no step reads (a spike guard's rollback)
 
     @property
     def global_batch(self) -> int:
         return self.mbs * self.accum * self.dp
 
+    def start_of(self, step: int) -> int:
+        """The step's first sample: step x G, moved past each skipped range it reaches. Ranges are recorded where a
+        rollback found the data (a = the start of the first step rolled back), in order, so one pass suffices."""
+        pos = step * self.global_batch
+        for a, b in self.skipped:
+            if pos >= a:
+                pos += b - a
+        return pos
+
+    def skip(self, ranges: list[tuple[int, int]]) -> None:
+        """From now on read past these sample ranges; what was assembled ahead is dropped."""
+        self.skipped = sorted((int(a), int(b)) for a, b in ranges)
+        self.close()
+
     def host_batches(self, step: int) -> list[HostBatch]:
         """This rank's micro-batches of a step, assembled on the host."""
-        base = step * self.global_batch + self.dp_rank * self.mbs * self.accum
+        base = self.start_of(step) + self.dp_rank * self.mbs * self.accum
         out = []
         for m in range(self.accum):
             samples = [self.ds[i % len(self.ds)] for i in range(base + m * self.mbs, base + (m + 1) * self.mbs)]
