@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .checkpoint import MANIFEST, CheckpointError, OfflineWriter, check_target, read_manifest, resolve_source
 from .config import PATTENTION_KINDS, Config, ConfigError, from_dict, validate
-from .model import append_tokens, pattention_kind
+from .model import append_tokens, output_std, pattention_kind
 from .store import Store, StoreError
 
 
@@ -94,7 +94,7 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
     store = Store(src, manifest)
     writer = OfflineWriter(dst)
     gen = torch.Generator().manual_seed(seed)
-    value_std = 2.0 / cfg.model.num_layers / cfg.model.hidden_size**0.5  # as model.make_pattention
+    value_std = output_std(cfg.model)  # as model.make_pattention
     keep_opt = optimizer == "keep" and manifest.get("optimizer") is not None
     try:
         for name, e in tqdm(manifest["tensors"].items(), desc="reshard", disable=None if progress else True,
