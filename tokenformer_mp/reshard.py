@@ -51,6 +51,8 @@ class ExpandPlan:
 def plan_from_config(cfg_path: str) -> dict[str, int]:
     from .config import load_config
     m = load_config(cfg_path).model
+    if m.arch != "tokenformer":
+        raise CheckpointError(f"--expand-config {cfg_path}: model.arch {m.arch} has no parameter tokens to grow to")
     return {k: m.tokens(k) for k in PATTENTION_KINDS}
 
 
@@ -73,6 +75,10 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
         cfg.parallel.tp = tp
     if pp is not None:
         cfg.parallel.pp = pp
+    if expand is not None and old.arch != "tokenformer":
+        raise CheckpointError(f"{src}: model.arch {old.arch}: growth appends parameter tokens to Pattention layers, "
+                              f"which a {old.arch} has none of (its widths are fixed by its weights' shapes): "
+                              f"only --tp/--pp apply to it")
     if expand is not None:
         for kind, n in expand.tokens.items():
             have = old.tokens(kind)
