@@ -319,6 +319,9 @@ CASES = [
     Case("reshard_expand_config_transformer", "reshard", lambda env: [
         "--load", env.ckpt(), "--save", f"{env.tmp}/out", "--expand-config", "configs/transformer-354m.yaml"],
          ("--expand-config configs/transformer-354m.yaml: model.arch transformer has no parameter tokens to grow to",)),
+    Case("export_neox_transformer", "convert", lambda env: [
+        "export-neox", "--load", env.ckpt(model=TRANSFORMER_MODEL, name="transformer"), "--save", f"{env.tmp}/neox"],
+         ("{tmp}/transformer: model.arch transformer: the official layout holds TokenFormers only",)),
     Case("reshard_tokens_unchanged", "reshard", lambda env: [
         "--load", env.ckpt(), "--save", f"{env.tmp}/out", "--tokens", "qkv=30,proj=18,ffn=70"],
          ("expansion to the token counts the checkpoint has (qkv=30, proj=18, ffn=70) grows nothing",)),
