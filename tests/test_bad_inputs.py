@@ -33,6 +33,7 @@ from tokenformer_mp.model import TokenFormer
 
 CKPT_MODEL = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, qkv_tokens=30, proj_tokens=18, ffn_tokens=70,
                          seq_length=32, vocab_size=1024)
+TRANSFORMER_MODEL = dataclasses.replace(CKPT_MODEL, arch="transformer", ffn_hidden_size=70)
 UNWRITABLE = "/sys/kernel"  # refuses new files even to root (sysfs); a read-only mount behaves the same
 
 
@@ -46,14 +47,14 @@ class Env:
         overrides = {"train.steps": 2, **overrides}  # were a case not refused, it would fail fast, not train on
         return ["--config", "configs/debug.yaml", *_args(debug_overrides(self.data, run_dir or self.run, **overrides))]
 
-    def ckpt(self, corrupt: str | None = None) -> str:
+    def ckpt(self, corrupt: str | None = None, model: ModelConfig = CKPT_MODEL, name: str = "ckpt") -> str:
         """A small layout-free checkpoint (vocabulary 1024: it evaluates on the corpus), optionally damaged."""
-        path = self.tmp / "ckpt"
+        path = self.tmp / name
         if not path.exists():
             torch.manual_seed(0)
-            cfg = Config(model=CKPT_MODEL)
+            cfg = Config(model=model)
             cfg.data.tokenizer_type, cfg.data.tokenizer_model = "SentencePieceTokenizer", self.data["tokenizer"]
-            write_layout_free(dict(TokenFormer(CKPT_MODEL).named_parameters()), cfg, str(path))
+            write_layout_free(dict(TokenFormer(model).named_parameters()), cfg, str(path))
         if corrupt:
             damage(path / "tensors" / "final_norm.bias.safetensors", corrupt)
         return str(path)
@@ -122,6 +123,19 @@ CASES = [
                   "qkv_scale_tokens", "proj_scale_tokens", "ffn_scale_tokens")],
     T("num_heads_not_dividing", {"model.num_heads": 3}, "model.num_heads: 3 heads do not divide hidden_size 128"),
     T("norm_unknown", {"model.norm": "relu"}, "model.norm: 'relu' is not one of"),
+    T("arch_unknown", {"model.arch": "mamba"}, "model.arch: 'mamba' is not one of ('tokenformer', 'transformer')"),
+    T("ffn_hidden_size_for_tokenformer", {"model.ffn_hidden_size": 512},
+      "model.ffn_hidden_size: 512: means nothing for model.arch tokenformer, whose FFN is a Pattention of "
+      "model.ffn_tokens parameter tokens"),
+    T("ffn_hidden_size_not_positive", {"model.arch": "transformer", "model.ffn_hidden_size": 0},
+      "model.ffn_hidden_size: 0: must be positive (or null: 4 x hidden_size)"),
+    T("ffn_hidden_size_not_an_integer", {"model.arch": "transformer", "model.ffn_hidden_size": 2.5},
+      "model.ffn_hidden_size: expected an integer, got 2.5"),
+    T("scale_tokens_for_transformer", {"model.arch": "transformer", "model.ffn_scale_tokens": 64},
+      "model.ffn_scale_tokens: means nothing for model.arch transformer (no Pattention, no tau)"),
+    *[T(f"{key}_for_transformer", {"model.arch": "transformer", f"train.{key}": True},
+        f"train.{key}: acts on Pattention layers, which model.arch transformer has none of")
+      for key in ("fused_pattention", "recompute_pattention_gelu")],
     T("vocab_size_zero", {"model.vocab_size": 0}, "model.vocab_size: 0: must be positive"),
     T("pad_vocab_multiple_zero", {"model.pad_vocab_multiple": 0}, "model.pad_vocab_multiple: 0: must be >= 1"),
     T("rotary_pct_above_one", {"model.rotary_pct": 1.5}, "model.rotary_pct: must be within [0, 1]"),
@@ -344,6 +358,17 @@ CASES = [
         "--load", env.ckpt(), "--save", f"{env.tmp}/out", "--expand-config",
         env.file("stage.yaml", "model:\n  qkv_tokens: 60\ngrowth:\n  noise: gaussian\n")],
          ("{tmp}/stage.yaml: growth.noise: 'gaussian': relative or absolute",)),
+    *[Case(f"reshard_grow_transformer_{how}", "reshard", lambda env, how=how: [
+        "--load", env.ckpt(model=TRANSFORMER_MODEL, name="transformer"), "--save", f"{env.tmp}/out", *how.split()],
+           ("{tmp}/transformer: model.arch transformer: growth appends parameter tokens to Pattention layers, which "
+            "a transformer has none of",))
+      for how in ("--expand-factor 2", "--tokens qkv=60,proj=36,ffn=140")],
+    Case("reshard_expand_config_transformer", "reshard", lambda env: [
+        "--load", env.ckpt(), "--save", f"{env.tmp}/out", "--expand-config", "configs/transformer-354m.yaml"],
+         ("--expand-config configs/transformer-354m.yaml: model.arch transformer has no parameter tokens to grow to",)),
+    Case("export_neox_transformer", "convert", lambda env: [
+        "export-neox", "--load", env.ckpt(model=TRANSFORMER_MODEL, name="transformer"), "--save", f"{env.tmp}/neox"],
+         ("{tmp}/transformer: model.arch transformer: the official layout holds TokenFormers only",)),
     Case("reshard_tokens_unchanged", "reshard", lambda env: [
         "--load", env.ckpt(), "--save", f"{env.tmp}/out", "--tokens", "qkv=30,proj=18,ffn=70"],
          ("expansion to the token counts the checkpoint has (qkv=30, proj=18, ffn=70) grows nothing",)),

@@ -89,16 +89,46 @@ def test_export_loads_with_auto_classes_and_gives_the_same_logits(debug_export):
         assert abs(loss.item() - ref.item()) <= 1e-5 * ref.item()
 
 
-@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("norm", NORMS + ("transformer",))
 def test_modeling_file_equals_the_project_model_for_every_norm(norm):
-    """The package's own modeling module (the file every export carries), at each Pattention normalisation."""
+    """The package's own modeling module (the file every export carries), at each Pattention normalisation, and
+    as the Transformer baseline (an MLP width of its own)."""
+    arch = {"arch": "transformer", "ffn_hidden_size": 90} if norm == "transformer" else {"norm": norm}
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_heads=4, qkv_tokens=30, proj_tokens=18, ffn_tokens=70,
-                      seq_length=32, vocab_size=256, norm=norm, rotary_pct=0.5, rotary_base=500.0,
-                      layernorm_eps=1e-3)
+                      seq_length=32, vocab_size=256, rotary_pct=0.5, rotary_base=500.0, layernorm_eps=1e-3, **arch)
     model = _random_model(cfg)
     x = TOKENS[:, :32] % 256
     with torch.no_grad():
         assert_close_to_scale(hf_model(model)(x).logits, model(x), 1e-5, norm)
+
+
+def test_transformer_export_gives_the_native_logits_and_tokens(corpus, tmp_path):
+    """configs/transformer-debug.yaml's model exported: the shipped modeling file builds the Transformer from
+    config.json (arch, ffn_hidden_size) and gives the project's logits, with and without its KV cache, and greedy
+    tokens; the export loads back into the project (generate, evaluate, lm-eval read it so) as the same model."""
+    cfg = load_config("configs/transformer-debug.yaml").model
+    cfg.vocab_size = 1024
+    model = _checkpoint(tmp_path / "ckpt", cfg, corpus["tokenizer"])
+    assert main(["export-hf", "--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "hf")]) == 0
+    written = json.load(open(tmp_path / "hf" / "config.json"))
+    assert (written["arch"], written["ffn_hidden_size"]) == ("transformer", 768)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32)
+    assert hf.model.layers[0].ffn.up.weight.shape == (768, 128)
+    back, _ = load_model(str(tmp_path / "hf"))
+    assert (back.cfg.arch, back.cfg.ffn_width) == ("transformer", 768)
+    with torch.no_grad():
+        expected = model(TOKENS)
+        assert_close_to_scale(hf(TOKENS).logits, expected, 1e-5, "HF vs project logits")
+        assert torch.equal(back(TOKENS), expected)
+        cache = hf(TOKENS[:, :100], use_cache=True).past_key_values
+        for t in range(100, 128):
+            step = hf(TOKENS[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+        assert_close_to_scale(step.logits[:, -1], expected[:, -1], 1e-5, "HF with its KV cache")
+        prompt = TOKENS[:1, :20]
+        got = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
+                          eos_token_id=None)[0, 20:].tolist()
+    assert got == list(generate(model, prompt[0].tolist(), 20, temperature=0))
 
 
 def test_grown_checkpoint_keeps_its_pinned_tau(corpus, tmp_path):

@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import NEOX, REPO
 from tests.test_hf import DEBUG, _checkpoint
-from tokenformer_mp.config import ModelConfig
+from tokenformer_mp.config import ModelConfig, load_config
 
 TASKS = "tokenformer_tiny_choice,tokenformer_tiny_gen,tokenformer_tiny_text"  # tests/data/lm_eval: local data only
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -25,7 +27,8 @@ def _results(out: str) -> dict:
         return json.load(f)["results"]
 
 
-def test_adapter_and_lm_eval_hf_on_the_export_agree(tmp_path):
+@pytest.mark.parametrize("arch", ["tokenformer", "transformer"])
+def test_adapter_and_lm_eval_hf_on_the_export_agree(tmp_path, arch):
     """Multiple choice (loglikelihood), greedy generation (generate_until) and whole-text perplexity
     (loglikelihood_rolling, texts longer than the 128-token window) on the debug model, batched 4 on both sides.
 
@@ -34,6 +37,8 @@ def test_adapter_and_lm_eval_hf_on_the_export_agree(tmp_path):
     byte of an invalid run of byte pieces, SentencePiece for its invalid bytes only, and a random model's greedy
     text has such runs. tests/test_hf.py checks the converted ids and text on real text.)"""
     cfg = ModelConfig(**{**DEBUG.__dict__, "vocab_size": 50277})  # unpadded: random weights favour no phantom ids
+    if arch == "transformer":  # the baseline of configs/transformer-debug.yaml
+        cfg = ModelConfig(**{**load_config("configs/transformer-debug.yaml").model.__dict__, "vocab_size": 50277})
     _checkpoint(tmp_path / "ckpt", cfg, NEOX)
     from tokenformer_mp.hf.export import export_hf
     export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tests.conftest import assert_close_to_scale
 from tokenformer_mp.config import ModelConfig, load_config
-from tokenformer_mp.model import (KVCache, Pattention, TokenFormer, _Rotary, _row_dot, count_params, cross_entropy,
+from tokenformer_mp.model import (KVCache, Pattention, TokenFormer, _Rotary, _row_dot, count_params, flops_per_token, cross_entropy,
                                   pattention, rotary_tables)
 
 
@@ -248,11 +248,36 @@ def test_parameter_counts_match_the_paper_table(name, params):
     assert abs(count_params(cfg.model)["params"] - params) / params < 0.01
 
 
-def test_counted_params_equal_the_module():
+@pytest.mark.parametrize("name,params", [("124m", 123.6e6), ("354m", 353.5e6), ("757m", 756.7e6), ("1.4b", 1311.0e6)])
+def test_transformer_configs_have_the_paper_sizes(name, params):
+    """The Transformer baselines at the sizes the paper names (124M, 354M, 757M; 1.4B is Pythia-1.4B's shape, 1.31B
+    counted as the TokenFormer-1.4B's 1.3097B), each within 0.5% of the TokenFormer of its name in parameters."""
+    cfg = load_config(f"configs/transformer-{name}.yaml")
+    assert cfg.model.arch == "transformer" and cfg.model.ffn_width == 4 * cfg.model.hidden_size
+    n = count_params(cfg.model)["params"]
+    assert abs(n - params) / params < 1e-3
+    assert abs(n / count_params(load_config(f"configs/tokenformer-{name}.yaml").model)["params"] - 1) < 5e-3
+
+
+@pytest.mark.parametrize("arch", ["tokenformer", "transformer"])
+def test_counted_params_equal_the_module(arch):
     cfg = ModelConfig(num_layers=3, hidden_size=32, num_heads=2, qkv_tokens=20, proj_tokens=12, ffn_tokens=50,
-                      vocab_size=128)
+                      vocab_size=128, arch=arch, ffn_hidden_size=50 if arch == "transformer" else None)
     model = TokenFormer(cfg)
     assert sum(p.numel() for p in model.parameters()) == count_params(cfg)["params"]
+    per_layer = 4 * 32 * 32 + 2 * 32 * 50 if arch == "transformer" else 2 * 32 * (3 * 20 + 12 + 50)
+    assert count_params(cfg)["non_embedding_params"] == 3 * per_layer
+
+
+def test_transformer_debug_config_has_the_debug_models_size_and_flops():
+    """configs/transformer-debug.yaml: configs/debug.yaml's model with Linears, parameter for parameter; so the
+    same analytic FLOPs per token (2N for every weight whichever layer holds it)."""
+    t, d = load_config("configs/transformer-debug.yaml"), load_config("configs/debug.yaml")
+    t.model.vocab_size = d.model.vocab_size = 1024
+    assert count_params(t.model) == count_params(d.model) == {"params": 655616, "non_embedding_params": 524288,
+                                                              "embedding_params": 131072}
+    assert flops_per_token(t.model) == flops_per_token(d.model) == 3 * (2 * 524288 + 2 * 1024 * 128 + 4 * 2 * 128 * 128)
+    assert (t.data, t.train) == (d.data, d.train)
 
 
 def test_info_cli_prints_json():
@@ -263,6 +288,12 @@ def test_info_cli_prints_json():
     # Table 3: 3 x (2N + 2 V d + 4 L d T); MFU's count: attention causal, half its T^2 work (2 L d T)
     assert info["flops_per_token"] == 3 * (2 * 113246208 + 2 * 50304 * 768 + 4 * 12 * 768 * 2048)
     assert info["flops_per_token_causal"] == 3 * (2 * 113246208 + 2 * 50304 * 768 + 2 * 12 * 768 * 2048)
+    out = subprocess.run([sys.executable, "-m", "tokenformer_mp.info", "--config", "configs/transformer-124m.yaml"],
+                         capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    n = 12 * (4 * 768**2 + 2 * 768 * 3072)  # Q, K, V, output; the MLP at 4 x 768
+    assert (info["arch"], info["ffn_hidden_size"], info["non_embedding_params"]) == ("transformer", 3072, n)
+    assert info["flops_per_token"] == 3 * (2 * n + 2 * 50304 * 768 + 4 * 12 * 768 * 1024)
 
 
 def test_model_loss_is_near_uniform_at_init():

@@ -121,7 +121,7 @@ def test_a_restart_after_kill_9_honours_the_rollback_and_too_many_rollbacks_exit
 
     ov = debug_overrides(sample, tmp_path / "bad", **{"train.steps": 30, "checkpoint.save_interval": 10,
                                                       "train.spike_max_skips": 2, "train.spike_max_rollbacks": 1})
-    code = f"import sys; from tests.runs import main_with_spikes as m; sys.exit(m(sys.argv[1:], [(44, 120)]))"
+    code = "import sys; from tests.runs import main_with_spikes as m; sys.exit(m(sys.argv[1:], [(44, 120)]))"
     res = subprocess.run([sys.executable, "-c", code, "--config", "configs/debug.yaml", *_args(ov)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 3, res.stdout[-3000:] + res.stderr[-3000:]

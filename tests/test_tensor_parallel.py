@@ -53,6 +53,9 @@ def _cfg(**kw):
     return ModelConfig(**base)
 
 
+TRANSFORMER = {"arch": "transformer", "ffn_hidden_size": 192}
+
+
 @pytest.mark.parametrize("tp,kw,sp", [
     (2, {}, False),
     (4, {"qkv_tokens": 30, "proj_tokens": 33, "ffn_tokens": 127}, False),  # token counts TP does not divide
@@ -60,6 +63,11 @@ def _cfg(**kw):
     (2, {"norm": "softmax"}, False),
     (2, {}, True),  # sequence parallel
     (4, {"qkv_tokens": 30, "proj_tokens": 33, "ffn_tokens": 127}, True),
+    # the Transformer baseline: column/row-parallel Linears; MLP widths TP divides and does not
+    (2, TRANSFORMER, False),
+    (2, TRANSFORMER, True),
+    (4, {**TRANSFORMER, "ffn_hidden_size": 190}, False),
+    (4, {**TRANSFORMER, "ffn_hidden_size": 190}, True),
 ])
 def test_tp_equals_single_process(tp, kw, sp):
     cfg = _cfg(**kw)
@@ -97,14 +105,23 @@ def _count_step_bytes(cfg: ModelConfig, tp: int, sequence_parallel: bool):
     return {op: v for (op, r), v in counts.items() if r == ranks}, dict(deprecated)
 
 
+@pytest.mark.parametrize("arch", ["tokenformer", "transformer"])
 @pytest.mark.parametrize("sp", [False, True])
-def test_counted_tp_bytes_equal_the_analytic_count(sp):
+def test_counted_tp_bytes_equal_the_analytic_count(sp, arch):
     """The benchmark's byte counter (every torch.distributed collective wrapped; DeepSpeed's deprecated names, which
-    call their successors inside torch, counted once) against tp_bytes_per_step: 32 tokens, two layers, hidden 64."""
+    call their successors inside torch, counted once) against tp_bytes_per_step: 32 tokens, two layers, hidden 64.
+    The Transformer's plan moves a third of the TokenFormer's without sequence parallelism (4 b h per layer, not
+    12 b h + 10 b): no heads to scatter or gather, no norm to sum."""
     from tokenformer_mp.parallel.tensor_parallel import _ALL_GATHER, _REDUCE_SCATTER, tp_bytes_per_step
-    counts, deprecated = run_ranks(2, _count_step_bytes, _cfg(), 2, sp)[0]
-    assert sum(counts.values()) == tp_bytes_per_step(2, 64, 32, 1, 2, sequence_parallel=sp)
-    assert {_ALL_GATHER, _REDUCE_SCATTER, "all_reduce"} == set(counts)  # the names this torch has (2.11: *_tensor)
+    cfg = _cfg(**(TRANSFORMER if arch == "transformer" else {}))
+    counts, deprecated = run_ranks(2, _count_step_bytes, cfg, 2, sp)[0]
+    assert sum(counts.values()) == tp_bytes_per_step(2, 64, 32, 1, 2, sequence_parallel=sp, arch=arch)
+    per_layer = {("transformer", False): 4 * 32 * 64 * 4, ("transformer", True): 10 * 32 * 64 * 4,
+                 ("tokenformer", False): (12 * 64 + 10) * 32 * 4, ("tokenformer", True): (18 * 64 + 10) * 32 * 4}
+    ends = 2 * 32 * 64 * 4 * (2 if sp else 1) + 3 * 32 * 4  # embedding and head (test's own count, as docstring)
+    assert sum(counts.values()) == 2 * per_layer[arch, sp] + ends
+    expected_ops = {"all_reduce"} | ({_ALL_GATHER, _REDUCE_SCATTER} if sp or arch == "tokenformer" else set())
+    assert expected_ops == set(counts)  # the names this torch has (2.11: *_tensor)
     assert deprecated == {("all_gather_into_tensor", (0, 1)): 2 * 10 * 4}
 
 

@@ -84,6 +84,57 @@ def test_layout_equals_one_process(name, corpus, baseline, tmp_path):
     _assert_same(hist, baseline)
 
 
+TRANSFORMER = "configs/transformer-debug.yaml"
+# The Transformer baseline under the layouts above that shard it differently (its own TP plan, SP's gathers, the
+# pipeline's stages, ZeRO's partitions, CP's chunks, documents kept apart between stages)
+TRANSFORMER_LAYOUTS = {name: LAYOUTS[name] for name in (
+    "tp2", "pp2", "dp2_zero1", "dp2_zero2", "tp2_pp2", "tp2_sequence_parallel", "tp2_pp2_sequence_parallel",
+    "tp2_activation_checkpointing")}
+TRANSFORMER_LAYOUTS["cp2"] = (2, {"parallel.cp": 2})
+
+
+@pytest.fixture(scope="module")
+def transformer_baseline(corpus, tmp_path_factory):
+    return run_ranks(1, train, debug_overrides(corpus, tmp_path_factory.mktemp("tbase"), **{"train.steps": 3}),
+                     TRANSFORMER)[0]
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMER_LAYOUTS))
+def test_transformer_layout_equals_one_process(name, corpus, transformer_baseline, baseline, tmp_path):
+    """configs/transformer-debug.yaml at each layout: losses and grad norms within 1e-5 of one process, as the
+    TokenFormer's; and another model than the TokenFormer (the comparison is between two functions)."""
+    world, extra = TRANSFORMER_LAYOUTS[name]
+    hist = run_ranks(world, train, debug_overrides(corpus, tmp_path, **{"train.steps": 3, **extra}), TRANSFORMER)[0]
+    _assert_same(hist, transformer_baseline)
+    assert abs(transformer_baseline[0]["loss"] - baseline[0]["loss"]) > 1e-3
+
+
+def test_transformer_with_documents_at_cp2_pp2_equals_one_process(corpus, tmp_path):
+    """Documents kept apart (positions and document ids sent between stages, masks over CP's chunks)."""
+    kw = {"train.steps": 3, "data.reset_attention_mask": True, "data.reset_position_ids": True}
+    ref = run_ranks(1, train, debug_overrides(corpus, tmp_path / "a", **kw), TRANSFORMER)[0]
+    hist = run_ranks(4, train, debug_overrides(corpus, tmp_path / "b", **kw, **{"parallel.cp": 2, "parallel.pp": 2}),
+                     TRANSFORMER)[0]
+    _assert_same(hist, ref)
+
+
+def test_transformer_resharded_checkpoint_resumes_at_another_layout(corpus, tmp_path):
+    """A Transformer stopped after 3 steps at TP=2, resharded by the tool to TP=2 x PP=2 (the layout-free copy, Adam
+    state included), continues there as the run that never stopped: losses within 1e-5."""
+    from tokenformer_mp.reshard import reshard
+    kw = {"train.steps": 6}
+    ref = run_ranks(1, train, debug_overrides(corpus, tmp_path / "a", **kw), TRANSFORMER)[0]
+    run_ranks(2, train, debug_overrides(corpus, tmp_path / "b", **kw, **{"train.exit_after_steps": 3,
+                                                                        "parallel.tp": 2}), TRANSFORMER)
+    reshard(str(tmp_path / "b" / "checkpoints"), str(tmp_path / "moved"), tp=2, pp=2, progress=False)
+    rest = run_ranks(4, train, debug_overrides(corpus, tmp_path / "c", **kw, **{
+        "parallel.tp": 2, "parallel.pp": 2, "checkpoint.load": str(tmp_path / "moved")}), TRANSFORMER)[0]
+    assert [h["step"] for h in rest] == [4, 5, 6]
+    for h, r in zip(rest, ref[3:]):
+        assert abs(h["loss"] - r["loss"]) <= 1e-5 * r["loss"], (h["step"], h["loss"], r["loss"])
+        assert abs(h["grad_norm"] - r["grad_norm"]) <= 1e-5 * r["grad_norm"], (h["step"], h["grad_norm"], r["grad_norm"])
+
+
 def _dp_reductions(overrides: dict) -> list[bool]:
     """For each gradient all-reduce of one step (DP only: every non-scalar all-reduce is one), whether it ran inside
     backward."""

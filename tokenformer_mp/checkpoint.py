@@ -31,7 +31,7 @@ log = logging.getLogger("tokenformer_mp")
 FORMAT = "tokenformer_mp.layout_free.v2"
 OPT_KEYS = ("exp_avg", "exp_avg_sq")
 # Config keys that change the function but not any tensor's shape: a mismatch would load silently otherwise.
-FUNCTION_KEYS = ("norm", "num_heads", "rotary_pct", "rotary_base", "layernorm_eps", "qkv_scale_tokens",
+FUNCTION_KEYS = ("arch", "norm", "num_heads", "rotary_pct", "rotary_base", "layernorm_eps", "qkv_scale_tokens",
                  "proj_scale_tokens", "ffn_scale_tokens")
 
 
@@ -193,7 +193,7 @@ def check_fits(path: str, manifest: dict, shapes: dict[str, list[int]], model_cf
         elif e["shape"] != list(shape):
             problems.append(f"{name}: checkpoint {e['shape']} vs model {list(shape)}")
     for key in FUNCTION_KEYS:
-        want = manifest["model"].get(key)
+        want = manifest["model"].get(key, getattr(ModelConfig, key, None))  # a key newer than the checkpoint: its default
         if key.endswith("_scale_tokens"):  # None means "the token count": compare what tau really is
             kind = key[: -len("_scale_tokens")]
             want, have = want or manifest["model"][f"{kind}_tokens"], model_cfg.scale_tokens(kind)

@@ -23,10 +23,14 @@ from .tokenizer import build_tokenizer
 
 NORMS = ("l2_norm_gelu", "gelu_l2_norm", "softmax")
 PATTENTION_KINDS = ("qkv", "proj", "ffn")
+ARCHS = ("tokenformer", "transformer")
 
 
 @dataclass
 class ModelConfig:
+    # tokenformer: every projection a Pattention. transformer: the paper's baseline, the same model with linear
+    # Q/K/V/output projections and a Linear -> GELU -> Linear MLP in their place (no Pattention key applies).
+    arch: str = "tokenformer"
     num_layers: int = 2
     hidden_size: int = 128
     num_heads: int = 4
@@ -48,6 +52,15 @@ class ModelConfig:
     rotary_base: float = 10000.0
     layernorm_eps: float = 1e-5
     init_std: float = 0.02
+    # arch transformer: the MLP's hidden width; None: 4 x hidden_size (GPT-2's, Pythia's).
+    ffn_hidden_size: int | None = None
+
+    @property
+    def ffn_width(self) -> int:
+        """The FFN's inner width: its parameter tokens (TokenFormer), its hidden units (Transformer)."""
+        if self.arch == "transformer":
+            return self.ffn_hidden_size or 4 * self.hidden_size
+        return self.ffn_tokens
 
     def tokens(self, kind: str) -> int:
         return getattr(self, f"{kind}_tokens")
@@ -475,6 +488,20 @@ def validate(cfg: Config, *, check_paths: bool = True, check_env: bool | None = 
             need(all(not isinstance(x, float) or math.isfinite(x) for x in (v if isinstance(v, list) else [v])),
                  f"{name}.{f.name}", f"{v} is not a finite number")
 
+    need(m.arch in ARCHS, "model.arch", f"{m.arch!r} is not one of {ARCHS}")
+    if m.arch == "tokenformer":
+        need(m.ffn_hidden_size is None, "model.ffn_hidden_size",
+             f"{m.ffn_hidden_size}: means nothing for model.arch tokenformer, whose FFN is a Pattention of "
+             f"model.ffn_tokens parameter tokens (leave it out, or set model.arch transformer)")
+    else:
+        need(m.ffn_hidden_size is None or m.ffn_hidden_size > 0, "model.ffn_hidden_size",
+             f"{m.ffn_hidden_size}: must be positive (or null: 4 x hidden_size)")
+        for k in PATTENTION_KINDS:  # a pinned tau says "grown TokenFormer": a transformer config made from one
+            need(getattr(m, f"{k}_scale_tokens") is None, f"model.{k}_scale_tokens",
+                 "means nothing for model.arch transformer (no Pattention, no tau): leave it out")
+        for key in ("fused_pattention", "recompute_pattention_gelu"):
+            need(not getattr(t, key), f"train.{key}", "acts on Pattention layers, which model.arch transformer has "
+                 "none of: leave it false")
     for key in ("num_layers", "hidden_size", "num_heads", "seq_length") + tuple(f"{k}_tokens" for k in PATTENTION_KINDS):
         need(getattr(m, key) > 0, f"model.{key}", "must be positive")
     need(m.hidden_size % m.num_heads == 0, "model.num_heads",

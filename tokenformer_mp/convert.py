@@ -176,6 +176,9 @@ def export_neox(ckpt: str, out_dir: str) -> str:
     Pattention takes tau = sqrt(current token count), ours pins it to the count before growth."""
     model, config = load_model(ckpt)
     cfg = model.cfg
+    if cfg.arch != "tokenformer":
+        raise ValueError(f"{ckpt}: model.arch {cfg.arch}: the official layout holds TokenFormers only (Pattention "
+                         f"slots); export it with export or export-hf instead.")
     pinned = [f"{k}_scale_tokens={cfg.scale_tokens(k)} with {k}_tokens={cfg.tokens(k)}"
               for k in ("qkv", "proj", "ffn") if cfg.scale_tokens(k) != cfg.tokens(k)]
     if pinned:

@@ -34,7 +34,8 @@ HF_FIELDS = {
     "qkv_scale_tokens": "qkv_scale_tokens", "proj_scale_tokens": "proj_scale_tokens",
     "ffn_scale_tokens": "ffn_scale_tokens", "norm": "pattention_norm", "seq_length": "max_position_embeddings",
     "vocab_size": "vocab_size", "rotary_pct": "rotary_pct", "rotary_base": "rope_theta",
-    "layernorm_eps": "layer_norm_eps", "init_std": "initializer_range",
+    "layernorm_eps": "layer_norm_eps", "init_std": "initializer_range", "arch": "arch",
+    "ffn_hidden_size": "ffn_hidden_size",
 }
 
 
@@ -42,14 +43,18 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
     """The TokenFormerConfig fields of a model (tau written out: scale tokens as numbers, never None)."""
     out = {hf: getattr(cfg, ours) for ours, hf in HF_FIELDS.items()}
     out.update({f"{k}_scale_tokens": cfg.scale_tokens(k) for k in ("qkv", "proj", "ffn")})
+    out["ffn_hidden_size"] = cfg.ffn_width if cfg.arch == "transformer" else None  # the width itself, not None
     return out
 
 
 def model_config_from_hf(d: dict) -> ModelConfig:
-    """An exported config.json back to our ModelConfig (a scale equal to the token count is the unpinned None)."""
-    cfg = ModelConfig(**{ours: d[hf] for ours, hf in HF_FIELDS.items()})
+    """An exported config.json back to our ModelConfig (a scale equal to the token count is the unpinned None; a
+    field an older export lacks, its default)."""
+    cfg = ModelConfig(**{ours: d[hf] for ours, hf in HF_FIELDS.items() if hf in d})
+    if cfg.arch != "transformer":
+        cfg.ffn_hidden_size = None  # the HF config fills in a width for either
     for k in ("qkv", "proj", "ffn"):
-        if getattr(cfg, f"{k}_scale_tokens") == cfg.tokens(k):
+        if cfg.arch == "transformer" or getattr(cfg, f"{k}_scale_tokens") == cfg.tokens(k):
             setattr(cfg, f"{k}_scale_tokens", None)
     return cfg
 

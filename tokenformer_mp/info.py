@@ -13,10 +13,11 @@ def model_info(cfg) -> dict:
     m = cfg.model
     if m.vocab_size is None:
         raise ConfigError("model.vocab_size: needed to count parameters (set it, e.g. 50304 for the GPT-NeoX tokenizer)")
+    shape = ({"ffn_hidden_size": m.ffn_width} if m.arch == "transformer" else
+             {"tokens": {k: m.tokens(k) for k in ("qkv", "proj", "ffn")}})
     return {**count_params(m), "flops_per_token": flops_per_token(m),
-            "flops_per_token_causal": flops_per_token(m, causal=True), "num_layers": m.num_layers,
-            "hidden_size": m.hidden_size, "tokens": {k: m.tokens(k) for k in ("qkv", "proj", "ffn")},
-            "seq_length": m.seq_length, "vocab_size": m.vocab_size}
+            "flops_per_token_causal": flops_per_token(m, causal=True), "arch": m.arch, "num_layers": m.num_layers,
+            "hidden_size": m.hidden_size, **shape, "seq_length": m.seq_length, "vocab_size": m.vocab_size}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,9 @@
-"""TokenFormer (arXiv 2410.23168): a Transformer whose every linear projection is a Pattention.
+"""TokenFormer (arXiv 2410.23168): a Transformer whose every linear projection is a Pattention; and, with
+model.arch transformer, the Transformer it is measured against (the same model with those projections linear).
 
-Plain single-device PyTorch. Nothing here knows about ranks: tokenformer_mp.parallel shards parameter tokens and
-sets the few communication hooks (`enter`, `exit`, `reduce_over_tokens`) that default to the identity.
+Plain single-device PyTorch. Nothing here knows about ranks: tokenformer_mp.parallel shards parameter tokens (and
+the baseline's weight rows) and sets the few communication hooks (`enter`, `exit`, `reduce_over_tokens`) that
+default to the identity.
 """
 from __future__ import annotations
 
@@ -258,10 +260,67 @@ class _Rotary(torch.autograd.Function):
         return _rotate(grad_q, cos, sin, -1.0), _rotate(grad_k, cos, sin, -1.0), None, None
 
 
+def output_std(cfg: ModelConfig) -> float:
+    """The std of what writes into the residual stream (Pattention values, the baseline's output projections): the
+    reference's "wang init", GPT-NeoX's for output layers."""
+    return 2.0 / cfg.num_layers / math.sqrt(cfg.hidden_size)
+
+
 def make_pattention(cfg: ModelConfig, kind: str, in_features: int, out_features: int) -> Pattention:
-    value_std = 2.0 / cfg.num_layers / math.sqrt(cfg.hidden_size)  # the reference's "wang init"
     return Pattention(in_features, out_features, cfg.tokens(kind), cfg.norm, cfg.scale_tokens(kind),
-                      key_std=cfg.init_std, value_std=value_std)
+                      key_std=cfg.init_std, value_std=output_std(cfg))
+
+
+# --- the Transformer baseline's layers (model.arch transformer) ---------------------------------------------------
+
+class Linear(nn.Module):
+    """A projection without bias (as Pattention has none). The weight's first axis is the one tensor parallelism
+    splits, as for every sharded tensor here (checkpoints read, and init draws, a rank's rows): [out, in] with
+    y = x W^T (nn.Linear's layout) for a layer split along its outputs (column-parallel), [in, out] with y = x W
+    (`input_major`) for one split along its inputs (row-parallel: attention's output, the MLP's second matmul)."""
+
+    def __init__(self, in_features: int, out_features: int, std: float, input_major: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.std, self.input_major = in_features, out_features, std, input_major
+        shape = (in_features, out_features) if input_major else (out_features, in_features)
+        self.weight = nn.Parameter(torch.empty(shape))
+        self.enter, self.exit = _identity, _identity  # tokenformer_mp.parallel's collectives around it
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self, seed: int | None = None) -> None:
+        init_rows_(self.weight, self.std, _fresh_seed() if seed is None else seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.enter(x)
+        return self.exit(x @ self.weight if self.input_major else F.linear(x, self.weight))
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, input_major={self.input_major}"
+
+
+class MLP(nn.Module):
+    """The Transformer's FFN: Linear -> GELU -> Linear through model.ffn_width hidden units. [..., h] -> [..., h]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = Linear(cfg.hidden_size, cfg.ffn_width, cfg.init_std)
+        self.down = Linear(cfg.ffn_width, cfg.hidden_size, output_std(cfg), input_major=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+def make_projection(cfg: ModelConfig, kind: str) -> nn.Module:
+    """An attention projection of hidden_size: a Pattention, or for arch transformer the Linear it replaces."""
+    h = cfg.hidden_size
+    if cfg.arch == "transformer":
+        return Linear(h, h, output_std(cfg), input_major=True) if kind == "proj" else Linear(h, h, cfg.init_std)
+    return make_pattention(cfg, kind, h, h)
+
+
+def make_ffn(cfg: ModelConfig) -> nn.Module:
+    return MLP(cfg) if cfg.arch == "transformer" else make_pattention(cfg, "ffn", cfg.hidden_size, cfg.hidden_size)
 
 
 # a Pattention's parameters by name, in checkpoints and optimizer rules
@@ -314,15 +373,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        h = cfg.hidden_size
         self.head_dim = cfg.head_dim
         self.rotary_dim = int(cfg.head_dim * cfg.rotary_pct)
         self.rotary_base = cfg.rotary_base
         self.max_positions = cfg.seq_length
-        self.query = make_pattention(cfg, "qkv", h, h)
-        self.key = make_pattention(cfg, "qkv", h, h)
-        self.value = make_pattention(cfg, "qkv", h, h)
-        self.proj = make_pattention(cfg, "proj", h, h)
+        self.query = make_projection(cfg, "qkv")
+        self.key = make_projection(cfg, "qkv")
+        self.value = make_projection(cfg, "qkv")
+        self.proj = make_projection(cfg, "proj")
         self.enter = _identity  # one input region for Q, K and V together (see parallel.tensor_parallel)
         self.attend = attend  # parallel.context_parallel: against the keys and values of the whole sequence
         self._tables = None  # rotary cos/sin of positions 0.. (grown as needed), for the last device and dtype
@@ -389,13 +447,14 @@ class KVCache:
 
 
 class Block(nn.Module):
-    """Pre-norm block with non-parametric LayerNorms; the FFN is a single Pattention (its GELU is the non-linearity)."""
+    """Pre-norm block with non-parametric LayerNorms; the FFN is a single Pattention (its GELU is the non-linearity),
+    or the Transformer's MLP."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.eps, self.hidden = layer_idx, cfg.layernorm_eps, cfg.hidden_size
+        self.layer_idx, self.eps, self.hidden, self.arch = layer_idx, cfg.layernorm_eps, cfg.hidden_size, cfg.arch
         self.attention = Attention(cfg)
-        self.ffn = make_pattention(cfg, "ffn", cfg.hidden_size, cfg.hidden_size)
+        self.ffn = make_ffn(cfg)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, position_ids: torch.Tensor | None = None,
                 mask=None) -> torch.Tensor:
@@ -481,6 +540,9 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor 
 
 
 class TokenFormer(nn.Module):
+    """The language model of cfg.arch: a TokenFormer, or the Transformer baseline (the same class; only its blocks'
+    projections differ)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         assert cfg.vocab_size is not None, "resolve model.vocab_size from the tokenizer first"
@@ -520,7 +582,7 @@ def init_weights(module: nn.Module, seed: int, prefix: str = "") -> None:
     whether it lives in one process or on a pipeline stage / tensor-parallel rank."""
     for name, sub in module.named_modules():
         full = f"{prefix}{name}"
-        if isinstance(sub, (Pattention, Embedding)):
+        if isinstance(sub, (Pattention, Linear, Embedding)):
             sub.reset_parameters(seed * 1_000_003 + zlib.crc32(full.encode()))
         elif isinstance(sub, nn.LayerNorm):
             sub.reset_parameters()
@@ -530,7 +592,10 @@ def init_weights(module: nn.Module, seed: int, prefix: str = "") -> None:
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     h = cfg.hidden_size
-    per_layer = 2 * h * (3 * cfg.qkv_tokens + cfg.proj_tokens + cfg.ffn_tokens)
+    if cfg.arch == "transformer":  # Q, K, V, output [h, h] each; the MLP's two [h, ffn_width]
+        per_layer = 4 * h * h + 2 * h * cfg.ffn_width
+    else:  # a key and a value token of h per parameter token
+        per_layer = 2 * h * (3 * cfg.qkv_tokens + cfg.proj_tokens + cfg.ffn_tokens)
     non_embedding = cfg.num_layers * per_layer
     embedding = cfg.vocab_size * h
     return {"params": embedding + non_embedding + 2 * h, "non_embedding_params": non_embedding,
@@ -542,7 +607,11 @@ def flops_per_token(cfg: ModelConfig, seq_length: int | None = None, *, causal: 
 
     Table 3 counts attention's QK^T and AV over all T keys, as if not causal; `causal` counts the half a causal
     model computes (2 n_layer d_token T), as Megatron-LM's num_floating_point_operations (seq_len / 2) and NeMo's
-    flops_utils do: MFU's numerator. The paper's count stays the scaling laws' compute axis."""
+    flops_utils do: MFU's numerator. The paper's count stays the scaling laws' compute axis.
+
+    Both architectures: 2N is every weight's multiply-add (a Pattention's keys and values as a Linear's weight), so
+    at equal parameters a TokenFormer and a Transformer count the same. Neither counts elementwise work (Pattention's
+    norm and GELU over n scores, the MLP's GELU), as Table 3 and Kaplan et al. do not."""
     T = seq_length or cfg.seq_length
     n = count_params(cfg)["non_embedding_params"]
     attention = (2 if causal else 4) * cfg.num_layers * cfg.hidden_size * T

@@ -61,6 +61,8 @@ def add_noise(t: torch.Tensor, std: float, relative: bool, seed: int, name: str)
 
 def plan_from_config(cfg_path: str) -> dict[str, int]:
     m = load_config(cfg_path).model
+    if m.arch != "tokenformer":
+        raise CheckpointError(f"--expand-config {cfg_path}: model.arch {m.arch} has no parameter tokens to grow to")
     return {k: m.tokens(k) for k in PATTENTION_KINDS}
 
 
@@ -92,6 +94,10 @@ def reshard(src: str, dst: str, tp: int | None = None, pp: int | None = None, ex
     if pp is not None:
         cfg.parallel.pp = pp
     recipe = None
+    if expand is not None and old.arch != "tokenformer":
+        raise CheckpointError(f"{src}: model.arch {old.arch}: growth appends parameter tokens to Pattention layers, "
+                              f"which a {old.arch} has none of (its widths are fixed by its weights' shapes): "
+                              f"only --tp/--pp apply to it")
     if expand is not None:
         recipe = expand.recipe.resolved(cfg.model)
         recipe["optimizer"] = optimizer = optimizer or recipe["optimizer"]

@@ -499,11 +499,11 @@ class Trainer:
     # datasheet's dense bf16 peak on known GPUs (mfu_datasheet) ------------------------------------------------------
     def measure_peak(self) -> None:
         """One more reading of the matmul peak, at a square shape that saturates the device and at the step's own
-        largest matmul (a micro-batch's tokens x hidden x this rank's FFN tokens); the best reading counts."""
+        largest matmul (a micro-batch's tokens x hidden x this rank's FFN width); the best reading counts."""
         m, t = self.cfg.model, self.cfg.train
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
         own = (t.micro_batch_size * m.seq_length // self.layout.cp, m.hidden_size,
-               max(1, m.ffn_tokens // self.layout.tp))
+               max(1, m.ffn_width // self.layout.tp))
         self.matmul_peak.readings += [measure_matmul_flops(self.device, dtype, seconds=0.3),
                                       measure_matmul_flops(self.device, dtype, own, seconds=0.3)]
 

@@ -119,7 +119,7 @@ def rank_bytes_per_step(cfg, dp: int, stage: int, stage_layers: int, params: int
     first, last = stage == 0, stage == par.pp - 1
     sp = par.sequence_parallel and par.tp > 1
     partitioned = par.tp > 1 and not sp  # DeepSpeed's pipe_partitioned / grad_partitioned (train.deepspeed_config)
-    out = {"tp": tp_bytes_per_step(stage_layers, h, b, M, par.tp, e, sp, embedding=first, head=last),
+    out = {"tp": tp_bytes_per_step(stage_layers, h, b, M, par.tp, e, sp, embedding=first, head=last, arch=m.arch),
            "p2p": 0, "tied": 0, "loss": 0,
            "cp": cp_bytes_per_step(stage_layers, h, b * cp, M, cp, par.tp, e, t.activation_checkpointing), "dp": 0}
     if par.pp > 1:

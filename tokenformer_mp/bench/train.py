@@ -9,7 +9,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from ..config import load_config
-from ..model import Block
+from ..model import Block, count_params, flops_per_token
 from ..parallel.local import run_ranks
 from ..trainer import Trainer
 from .comm import count_collectives, rank_bytes_per_step
@@ -89,3 +89,30 @@ def measure(config: str, overrides: dict, world: int = 1, warmup: int = 2) -> di
             "cp_bytes_analytic": sum(r["analytic"]["cp"] for r in one_per_stage) if modelled else None,
             "bytes_per_step": sum(counted), "bytes_analytic": sum(analytic) if modelled else None,
             "bytes_match_every_rank": counted == analytic if modelled else None}
+
+
+def compare_archs(tokenformer: tuple[str, dict], transformer: tuple[str, dict], rounds: int = 2) -> dict:
+    """A TokenFormer's training step against a Transformer's of as many parameters on as many tokens per step, each
+    (config, overrides) measured `rounds` times, alternating; each arch's best median step counts (another process
+    only ever slows a run). Beside each time, the analytic training FLOPs of a step (Table 3's count, attention
+    causal: MFU's numerator), which equal parameters make the same for both."""
+    runs = {"tokenformer": [], "transformer": []}
+    for _ in range(rounds):
+        for arch, (config, overrides) in (("tokenformer", tokenformer), ("transformer", transformer)):
+            runs[arch].append(measure(config, overrides))
+    row = {}
+    for arch, (config, overrides) in (("tokenformer", tokenformer), ("transformer", transformer)):
+        cfg = load_config(config, overrides)
+        if cfg.model.arch != arch:
+            raise ValueError(f"{config}: model.arch {cfg.model.arch}, not {arch}")
+        best = min(runs[arch], key=lambda r: r["step_time_s"])
+        tokens = cfg.train.global_batch(1) * cfg.model.seq_length  # one process
+        tag = {"tokenformer": "tf", "transformer": "tr"}[arch]  # the columns side by side
+        row.update({f"{tag}_params": count_params(cfg.model)["params"], f"{tag}_tokens_per_step": tokens,
+                    f"{tag}_gflop_per_step": flops_per_token(cfg.model, causal=True) * tokens / 1e9,
+                    f"{tag}_step_s": best["step_time_s"], f"{tag}_mfu": best["mfu"]})
+    for key in ("params", "tokens_per_step"):
+        if row[f"tf_{key}"] != row[f"tr_{key}"]:
+            raise ValueError(f"not a like-for-like comparison: {key} {row[f'tf_{key}']} vs {row[f'tr_{key}']}")
+    row["ratio"] = row["tf_step_s"] / row["tr_step_s"]
+    return row

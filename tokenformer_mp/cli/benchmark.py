@@ -84,6 +84,30 @@ def bench_mfu():
         yield {"model": name, **measure(cfg, ov)}
 
 
+def bench_arch():
+    """The TokenFormer's training step over the Transformer's at equal parameters and tokens per step, with the
+    analytic FLOPs of each (equal: 2N per token for either). On a GPU the paper's 124M pair in bf16; on a CPU the
+    debug pair (configs/transformer-debug.yaml matches configs/debug.yaml) and a 4-layer 256-wide pair in the
+    paper's proportions (TokenFormer-124M's: 3h/4 tokens for Q/K/V/output, 3h for the FFN; the Transformer's MLP
+    4h)."""
+    import torch
+    from ..bench.train import compare_archs
+    if torch.cuda.is_available():
+        gpu = {"train.steps": 10, "train.micro_batch_size": 8, "train.global_batch_size": 8,
+               "train.activation_checkpointing": False}
+        pairs = [("124m", ("configs/tokenformer-124m.yaml", gpu), ("configs/transformer-124m.yaml", gpu))]
+    else:
+        small = {"train.steps": 8, "model.vocab_size": 4096}
+        shape = {**small, "model.num_layers": 4, "model.hidden_size": 256, "model.num_heads": 4,
+                 "model.seq_length": 256, "train.micro_batch_size": 4}
+        paper = {"model.qkv_tokens": 192, "model.proj_tokens": 192, "model.ffn_tokens": 768}
+        pairs = [("debug", ("configs/debug.yaml", small), ("configs/transformer-debug.yaml", small)),
+                 ("4x256", ("configs/debug.yaml", {**shape, **paper}),
+                  ("configs/transformer-debug.yaml", {**shape, "model.ffn_hidden_size": 1024}))]
+    for name, tokenformer, transformer in pairs:  # a row per pair as it comes (main)
+        yield {"model": name, **compare_archs(tokenformer, transformer)}
+
+
 LAYOUTS = [("tp1", 1, {}), ("tp2", 2, {"parallel.tp": 2}), ("tp4", 4, {"parallel.tp": 4}),
            ("pp2", 2, {"parallel.pp": 2}), ("dp2", 2, {"train.grad_accum_steps": 1}),
            ("tp2xpp2", 4, {"parallel.tp": 2, "parallel.pp": 2}),
@@ -224,6 +248,8 @@ SECTIONS = {"environment": (bench_environment, ["python", "torch", "cuda", "nccl
             "pattention_parts": (bench_pattention_parts, ["variant", "ms", "ratio"]),
             "mfu": (bench_mfu, ["model", "step_time_s", "tokens_per_s", "matmul_peak_flops", "matmul_peak_spread",
                                 "mfu", "mfu_suspect", "mfu_datasheet", "peak_memory_gb"]),
+            "arch": (bench_arch, ["model", "tf_params", "tf_tokens_per_step", "tf_gflop_per_step", "tf_step_s",
+                                  "tr_gflop_per_step", "tr_step_s", "ratio", "tf_mfu", "tr_mfu"]),
             "layouts": (bench_layouts, ["name", "world", "step_time_s", "tokens_per_s", "tp_bytes_per_step",
                                         "tp_bytes_analytic", "tp_bytes_match", "cp_bytes_per_step", "cp_bytes_analytic",
                                         "cp_bytes_match", "bytes_per_step", "bytes_analytic",

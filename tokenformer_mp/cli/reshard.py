@@ -109,12 +109,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     m, layout = new["model"], new["history"][-1]["target_layout"]
+    pattentions = ("qkv", "proj", "ffn") if m.get("arch", "tokenformer") == "tokenformer" else ()
     print(json.dumps({"saved": args.save, "layout": layout,
-                      "tokens": {k: m[f"{k}_tokens"] for k in ("qkv", "proj", "ffn")}, "step": new["step"],
+                      "tokens": {k: m[f"{k}_tokens"] for k in pattentions}, "step": new["step"],
                       "optimizer": new["optimizer"] is not None, "grown_from": new.get("grown_from"),
                       "growth": new.get("growth")}))
     # what the training config must say to load it (a mismatch is refused, naming the keys)
-    keys = [f"--model.{k} {m[k]}" for kind in ("qkv", "proj", "ffn")
+    keys = [f"--model.{k} {m[k]}" for kind in pattentions
             for k in (f"{kind}_tokens", f"{kind}_scale_tokens") if m[k] is not None]
     print(f"continue with: python -m tokenformer_mp.train --config YOUR.yaml --checkpoint.load {args.save} "
           f"--parallel.tp {layout['tp']} --parallel.pp {layout['pp']}"

@@ -1,4 +1,5 @@
-"""TokenFormer for Hugging Face transformers (arXiv 2410.23168): every linear projection is a Pattention.
+"""TokenFormer for Hugging Face transformers (arXiv 2410.23168): every linear projection is a Pattention; or, with
+config.arch "transformer", the paper's Transformer baseline (linear projections, a GELU MLP).
 
 Shipped inside every export made by `tools/convert_checkpoint.py export-hf` and loaded with
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. Self-contained: torch and transformers only.
@@ -48,6 +49,30 @@ class Pattention(nn.Module):
         return weights @ self.value_tokens
 
 
+class Linear(nn.Module):
+    """A projection without bias, its weight as the project stores it: [out, in] with y = x W^T, or `input_major`
+    [in, out] with y = x W (attention's output and the MLP's second Linear, split by their inputs when trained)."""
+
+    def __init__(self, d_in: int, d_out: int, input_major: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty((d_in, d_out) if input_major else (d_out, d_in)))
+        self.input_major = input_major
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight if self.input_major else F.linear(x, self.weight)
+
+
+class MLP(nn.Module):
+    """The Transformer's FFN: Linear -> GELU -> Linear."""
+
+    def __init__(self, hidden: int, width: int):
+        super().__init__()
+        self.up, self.down = Linear(hidden, width), Linear(width, hidden, input_major=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """GPT-NeoX partial rotary: channels [0, h) and [h, 2h) of each head turn by the position angle, the rest pass.
     x: [B, H, T, hd], cos/sin: [B, 1, T, h]."""
@@ -61,9 +86,13 @@ class Attention(nn.Module):
         super().__init__()
         h, c = config.hidden_size, config
         self.layer_idx, self.head_dim = layer_idx, h // c.num_attention_heads
-        self.query, self.key, self.value = (
-            Pattention(h, h, c.qkv_tokens, c.qkv_scale_tokens, c.pattention_norm) for _ in range(3))
-        self.proj = Pattention(h, h, c.proj_tokens, c.proj_scale_tokens, c.pattention_norm)
+        if c.arch == "transformer":
+            self.query, self.key, self.value = (Linear(h, h) for _ in range(3))
+            self.proj = Linear(h, h, input_major=True)
+        else:
+            self.query, self.key, self.value = (
+                Pattention(h, h, c.qkv_tokens, c.qkv_scale_tokens, c.pattention_norm) for _ in range(3))
+            self.proj = Pattention(h, h, c.proj_tokens, c.proj_scale_tokens, c.pattention_norm)
 
     def forward(self, x, rotary, mask, cache: Cache | None):
         B, T, _ = x.shape
@@ -78,14 +107,18 @@ class Attention(nn.Module):
 
 
 class Block(GradientCheckpointingLayer):
-    """Pre-norm block; its LayerNorms have no weight or bias. The FFN is one Pattention (its GELU the non-linearity)."""
+    """Pre-norm block; its LayerNorms have no weight or bias. The FFN is one Pattention (its GELU the non-linearity),
+    or the Transformer's MLP."""
 
     def __init__(self, config: TokenFormerConfig, layer_idx: int):
         super().__init__()
         self.eps, self.hidden = config.layer_norm_eps, config.hidden_size
         self.attention = Attention(config, layer_idx)
-        self.ffn = Pattention(config.hidden_size, config.hidden_size, config.ffn_tokens, config.ffn_scale_tokens,
-                              config.pattention_norm)
+        if config.arch == "transformer":
+            self.ffn = MLP(config.hidden_size, config.ffn_hidden_size)
+        else:
+            self.ffn = Pattention(config.hidden_size, config.hidden_size, config.ffn_tokens, config.ffn_scale_tokens,
+                                  config.pattention_norm)
 
     def forward(self, x, rotary, mask, cache):
         x = x + self.attention(F.layer_norm(x, (self.hidden,), eps=self.eps), rotary, mask, cache)
@@ -101,11 +134,15 @@ class TokenFormerPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        """The reference's init: keys and embedding N(0, initializer_range), values N(0, 2 / layers / sqrt(h))."""
+        """The reference's init: keys and embedding N(0, initializer_range), values N(0, 2 / layers / sqrt(h)); the
+        Transformer's output Linears as values, its others as keys."""
         c = self.config
+        out_std = 2.0 / c.num_hidden_layers / math.sqrt(c.hidden_size)
         if isinstance(module, Pattention):
             module.key_tokens.normal_(0.0, c.initializer_range)
-            module.value_tokens.normal_(0.0, 2.0 / c.num_hidden_layers / math.sqrt(c.hidden_size))
+            module.value_tokens.normal_(0.0, out_std)
+        elif isinstance(module, Linear):
+            module.weight.normal_(0.0, out_std if module.input_major else c.initializer_range)
         elif isinstance(module, nn.Embedding):
             module.weight.normal_(0.0, c.initializer_range)
         elif isinstance(module, nn.LayerNorm):

@@ -10,6 +10,9 @@ Per block (forward):
   proj              all-gather [T, h/TP] -> [T, h] (backward: reduce-scatter), output all-reduce [T, h]
   ffn               copy in, all-reduce [T, h] out
   + per Pattention one all-reduce of [T] floats (the norm), the same again in backward.
+The Transformer baseline (model.arch transformer) is Megatron's: Q/K/V and the MLP's first Linear column-parallel,
+the output projection and the MLP's second Linear row-parallel (TRANSFORMER_BLOCK_PLAN); a copy into attention and
+into the MLP, an all-reduce [T, h] out of each. Both plans split rows only (a Linear keeps its split axis first).
 The embedding is vocabulary-parallel (rows sliced) with megatron's vocab-parallel cross entropy.
 With sequence parallelism the activations between Pattentions are split along the tokens: copies become
 all-gathers and all-reduces reduce-scatters (SEQUENCE_PARALLEL below), and a block keeps the slices it gathered
@@ -30,7 +33,7 @@ from megatron.core.tensor_parallel import (
     vocab_parallel_cross_entropy,
 )
 
-from ..model import Attention, Block, Embedding, FinalNorm, Pattention, TokenFormer, lm_loss
+from ..model import Attention, Block, Embedding, FinalNorm, Linear, Pattention, TokenFormer, lm_loss
 
 
 def shard_range(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -122,19 +125,32 @@ def max_over_shards(t: torch.Tensor, group) -> torch.Tensor:
 # --- the plan -----------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class TokenSharded:
-    """A Pattention whose parameter tokens are split across the group. input/output name the collectives."""
+class RowSharded:
+    """A layer whose rows are split across the group: a Pattention's parameter tokens, a Linear's first weight axis
+    (its outputs, or its inputs when input-major). input/output name the collectives."""
     input: str = "none"  # none | copy | gather_heads
-    output: str = "reduce"  # reduce | scatter_heads
+    output: str = "reduce"  # none | reduce | scatter_heads
 
 
 BLOCK_PLAN = {
-    "attention.query": TokenSharded(output="scatter_heads"),
-    "attention.key": TokenSharded(output="scatter_heads"),
-    "attention.value": TokenSharded(output="scatter_heads"),
-    "attention.proj": TokenSharded(input="gather_heads", output="reduce"),
-    "ffn": TokenSharded(input="copy", output="reduce"),
+    "attention.query": RowSharded(output="scatter_heads"),
+    "attention.key": RowSharded(output="scatter_heads"),
+    "attention.value": RowSharded(output="scatter_heads"),
+    "attention.proj": RowSharded(input="gather_heads", output="reduce"),
+    "ffn": RowSharded(input="copy", output="reduce"),
 }
+
+# Column-parallel Q/K/V give this rank's heads directly; the row-parallel output projection holds the same heads'
+# input rows and sums its partial outputs. The MLP's hidden units are split alike between its two Linears.
+TRANSFORMER_BLOCK_PLAN = {
+    "attention.query": RowSharded(output="none"),
+    "attention.key": RowSharded(output="none"),
+    "attention.value": RowSharded(output="none"),
+    "attention.proj": RowSharded(output="reduce"),
+    "ffn.up": RowSharded(input="copy", output="none"),
+    "ffn.down": RowSharded(output="reduce"),
+}
+PLANS = {"tokenformer": BLOCK_PLAN, "transformer": TRANSFORMER_BLOCK_PLAN}
 
 
 # Sequence parallelism (Megatron's): the residual stream between Pattentions is split along the tokens (over_tokens),
@@ -243,29 +259,33 @@ def _shard_rows(p: nn.Parameter, start: int, end: int) -> nn.Parameter:
 
 
 def shard_rows(module: nn.Module, world: int, rank: int) -> None:
-    """Give every Pattention and Embedding in `module` the parameters TP rank `rank` of `world` holds (rows of the
-    token or vocabulary axis), without communication hooks: what a rank initialises and holds (bench.init)."""
+    """Give every Pattention, Linear and Embedding in `module` the parameters TP rank `rank` of `world` holds (rows
+    of the token, weight or vocabulary axis), without communication hooks: what a rank initialises and holds
+    (bench.init)."""
     for sub in module.modules():
         if isinstance(sub, Pattention):
             start, end = shard_range(sub.num_tokens, world, rank)
             sub.key_tokens = _shard_rows(sub.key_tokens, start, end)
             sub.value_tokens = _shard_rows(sub.value_tokens, start, end)
+        elif isinstance(sub, Linear):
+            sub.weight = _shard_rows(sub.weight, *shard_range(sub.weight.shape[0], world, rank))
         elif isinstance(sub, Embedding):
             start, end = shard_range(sub.weight.shape[0], world, rank)
             sub.weight, sub.vocab_start = _shard_rows(sub.weight, start, end), start
 
 
-def shard_pattention(p: Pattention, style: TokenSharded, group, region) -> None:
-    shard_rows(p, dist.get_world_size(group), dist.get_rank(group))
-    p.enter, p.exit = region(style.input), region(style.output)
-    p.reduce_over_tokens = partial(sum_over_shards, group=group)
-    p.max_over_tokens = partial(max_over_shards, group=group)
+def shard_layer(layer: Pattention | Linear, style: RowSharded, group, region) -> None:
+    shard_rows(layer, dist.get_world_size(group), dist.get_rank(group))
+    layer.enter, layer.exit = region(style.input), region(style.output)
+    if isinstance(layer, Pattention):  # its norm is over all n tokens: row statistics summed over the shards
+        layer.reduce_over_tokens = partial(sum_over_shards, group=group)
+        layer.max_over_tokens = partial(max_over_shards, group=group)
 
 
 def shard_block(block: Block, group, region) -> None:
     modules = dict(block.named_modules())
-    for name, style in BLOCK_PLAN.items():
-        shard_pattention(modules[name], style, group, region)
+    for name, style in PLANS[block.arch].items():
+        shard_layer(modules[name], style, group, region)
     block.attention.enter = region("copy")  # once for Q, K and V: one backward collective, not three
 
 
@@ -310,16 +330,19 @@ def apply_tensor_parallel(module: nn.Module, group, sequence_parallel: bool = Fa
 
 def tp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro_batches: int, tp: int,
                       act_bytes: int = 4, sequence_parallel: bool = False, embedding: bool = True,
-                      head: bool = True) -> int:
+                      head: bool = True, arch: str = "tokenformer") -> int:
     """Analytic tensor-parallel traffic of one optimizer step, summed over all pipeline stages of one TP group, as
     full-tensor bytes per collective (the README's table). b = tokens per micro-batch, h = hidden:
       per layer  forward: 3 reduce-scatter [b,h] (Q,K,V) + all-gather [b,h] + 2 all-reduce [b,h] + 5 all-reduce [b]
                  backward: 2 all-reduce [b,h] (copies) + 3 all-gather [b,h] + reduce-scatter [b,h] + 5 all-reduce [b]
                  = 12 b h + 10 b
-      embedding and head: all-reduce [b,h] forward, all-reduce [b,h] backward, 3 all-reduce [b] (vocab-parallel CE)
+      arch transformer (TRANSFORMER_BLOCK_PLAN), per layer forward 2 all-reduce [b,h], backward 2 all-reduce [b,h]
+                 = 4 b h
+    embedding and head: all-reduce [b,h] forward, all-reduce [b,h] backward, 3 all-reduce [b] (vocab-parallel CE)
     Sequence parallel, each all-reduce [b,h] of a layer becomes a reduce-scatter one way and an all-gather the other,
     and backward gathers the two block inputs again (KeepGatheredAsSlices; not when activation checkpointing):
       per layer  8 b h forward + 10 b h backward + 10 b = 18 b h + 10 b
+                 (transformer: 4 b h forward + 6 b h backward = 10 b h)
       embedding and head: reduce-scatter + all-gather [b,h] (embedding), all-gather [b,h] forward before the final
                  norm, all-reduce [b,h] backward after the head, 3 all-reduce [b] = 4 b h + 3 b
     `embedding` / `head`: whether the count includes those (one pipeline stage's share leaves out what it lacks).
@@ -329,7 +352,10 @@ def tp_bytes_per_step(num_layers: int, hidden: int, tokens_per_micro: int, micro
         return 0
     b, h, stat = tokens_per_micro, hidden, 4
     ends = 2 if sequence_parallel else 1  # [b,h] collectives of the embedding, and of the head with its input
-    per_micro = num_layers * ((18 if sequence_parallel else 12) * b * h * act_bytes + 10 * b * stat)
+    if arch == "transformer":
+        per_micro = num_layers * (10 if sequence_parallel else 4) * b * h * act_bytes
+    else:
+        per_micro = num_layers * ((18 if sequence_parallel else 12) * b * h * act_bytes + 10 * b * stat)
     per_micro += embedding * ends * b * h * act_bytes + head * (ends * b * h * act_bytes + 3 * b * stat)
     return per_micro * micro_batches
 
