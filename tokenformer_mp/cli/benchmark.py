@@ -235,6 +235,12 @@ def bench_init():
     return measure()
 
 
+def bench_guards():
+    """The hang watchdog, the straggler report and the spike guard: their own time per step at DP=2."""
+    from ..bench.guards import run
+    return run()
+
+
 def bench_checkpoint_io():
     from ..bench.checkpoint_io import run
     return run()
@@ -264,6 +270,7 @@ SECTIONS = {"environment": (bench_environment, ["python", "torch", "cuda", "nccl
                                           "speedup", "same_tokens"]),
             "precision": (bench_precision, ["variant", "optimizer", "grad_accum_dtype", "final_loss",
                                             "max_rel_loss_diff", "final_rel_loss_diff", "val_loss", "val_rel_diff"]),
+            "guards": (bench_guards, ["model", "guard", "step_ms", "guard_ms_per_step", "share_of_step"]),
             "input": (bench_input, ["prefetch_steps", "input_wait_ms", "step_time_ms", "wait_share"]),
             "data_cache": (bench_data_cache, ["samples", "seq_length", "documents", "tokens", "cache_gb", "seconds",
                                               "peak_rss_gb"]),
