@@ -16,14 +16,8 @@ def train(overrides: dict, config: str = "configs/debug.yaml") -> list[dict]:
 
 def evaluate_after_load(overrides: dict, config: str = "configs/debug.yaml") -> float:
     """Build the trainer at its layout, load the checkpoint named by checkpoint.load, return the validation loss."""
-    from tokenformer_mp.config import load_config
-    from tokenformer_mp.trainer import Trainer, shutdown
-
-    trainer = Trainer(load_config(config, overrides))
-    trainer.maybe_resume()
-    loss = trainer.evaluate()
-    shutdown()
-    return loss
+    from tokenformer_mp.trainer import evaluate_checkpoint
+    return evaluate_checkpoint(config, overrides)
 
 
 def train_deterministic(overrides: dict, config: str = "configs/debug.yaml") -> list[dict]:

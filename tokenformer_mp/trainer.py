@@ -633,6 +633,16 @@ def train_history(config: str, overrides: dict, datasets=None, tokenizer=None) -
     return trainer.history
 
 
+def evaluate_checkpoint(config: str, overrides: dict) -> float:
+    """The validation loss of the checkpoint that checkpoint.load names, built at the config's layout, before any step
+    (train_history evaluates only after steps): a grown model's, to compare with its source's last."""
+    trainer = Trainer(load_config(config, overrides))
+    trainer.maybe_resume()
+    loss = trainer.evaluate()
+    shutdown()
+    return loss
+
+
 def shutdown() -> None:
     """Leave no process group behind (several trainers may run one after another in a process)."""
     if dist.is_initialized():
