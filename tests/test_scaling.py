@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 from tokenformer_mp.config import load_config
@@ -29,7 +30,12 @@ def study(sample, tmp_path_factory):
             "data.tokenizer_type": "SentencePieceTokenizer"}
     s = Study(out=str(tmp_path_factory.mktemp("scaling")), overrides={**data, **TINY}, steps=6, stage_steps=4,
               eval_interval=2, eval_iters=1)
-    return s, run_study(s, log=lambda line: None)
+    env = dict(os.environ)
+    results = run_study(s, log=lambda line: None)
+    # every training ran in a process of its own: none left a process group or a launcher's variables here, which
+    # the suite's later subprocesses would inherit
+    assert not torch.distributed.is_initialized() and dict(os.environ) == env
+    return s, results
 
 
 def test_sizes_are_1_2_4_in_parameters_and_the_transformers_match(study):

@@ -26,6 +26,7 @@ from .fileio import write_atomic
 from .info import model_info
 from .reshard import ExpandPlan, reshard
 from .tokenizer import build_tokenizer
+from .parallel.local import run_ranks
 from .trainer import evaluate_checkpoint, train_history
 
 KINDS = ("qkv", "proj", "ffn")
@@ -134,7 +135,10 @@ def run_study(study: Study, log=print) -> dict:
 
     def train(name: str, config: str, overrides: dict) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
-        hist = train_history(config, {**common, **overrides, "run_dir": os.path.join(study.out, name)})
+        # each training in a process of its own, as a launcher would start it: nothing of one (a process group,
+        # the launcher's environment, DeepSpeed's accelerator) is left to the next, or to the caller
+        hist = run_ranks(1, train_history, config, {**common, **overrides, "run_dir": os.path.join(study.out, name)},
+                         timeout=3600)[0]
         log(f"{name}: {overrides['train.steps']} steps, val loss {hist[-1]['val_loss']:.4f}, "
             f"{time.perf_counter() - t0:.0f} s")
         return hist, time.perf_counter() - t0
@@ -153,7 +157,7 @@ def run_study(study: Study, log=print) -> dict:
             over.update({f"model.{k}_scale_tokens": manifest["model"][f"{k}_scale_tokens"] for k in KINDS})
             over.update({"train.steps": study.stage_steps, "checkpoint.load": grown})
             with tempfile.TemporaryDirectory() as run_dir:  # the evaluation's own run record, not kept
-                after = evaluate_checkpoint(study.tokenformer, {**common, **over, "run_dir": run_dir})
+                after = run_ranks(1, evaluate_checkpoint, study.tokenformer, {**common, **over, "run_dir": run_dir})[0]
         hist, seconds = train(f"tokenformer-{size}", study.tokenformer, over)
         before = runs.get(f"tokenformer-{prev}")
         runs[f"tokenformer-{size}"] = r = _record(hist, "tokenformer", size, model, over["train.steps"],
