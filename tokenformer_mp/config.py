@@ -72,6 +72,12 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def output_std(self) -> float:
+        """The init std of what writes into the residual stream (Pattention values, the baseline's output projections,
+        new value tokens of a growth): the reference's "wang init", GPT-NeoX's for output layers."""
+        return 2.0 / self.num_layers / math.sqrt(self.hidden_size)
+
 
 @dataclass
 class DataConfig:
@@ -257,7 +263,7 @@ class GrowthRecipe:
         """Every field decided for `model` (the grown one): the preset's values, the stds as numbers. The stage's
         schedule stays None where train.* decides it."""
         default = {**GROWTH_PRESETS[self.preset or "preserve"], "preset": "preserve", "key_std": model.init_std,
-                   "value_std": 2.0 / model.num_layers / math.sqrt(model.hidden_size), "seed": 0}
+                   "value_std": model.output_std, "seed": 0}
         return {f.name: default.get(f.name) if getattr(self, f.name) is None else getattr(self, f.name)
                 for f in dataclasses.fields(self)}
 

@@ -260,15 +260,9 @@ class _Rotary(torch.autograd.Function):
         return _rotate(grad_q, cos, sin, -1.0), _rotate(grad_k, cos, sin, -1.0), None, None
 
 
-def output_std(cfg: ModelConfig) -> float:
-    """The std of what writes into the residual stream (Pattention values, the baseline's output projections): the
-    reference's "wang init", GPT-NeoX's for output layers."""
-    return 2.0 / cfg.num_layers / math.sqrt(cfg.hidden_size)
-
-
 def make_pattention(cfg: ModelConfig, kind: str, in_features: int, out_features: int) -> Pattention:
     return Pattention(in_features, out_features, cfg.tokens(kind), cfg.norm, cfg.scale_tokens(kind),
-                      key_std=cfg.init_std, value_std=output_std(cfg))
+                      key_std=cfg.init_std, value_std=cfg.output_std)
 
 
 # --- the Transformer baseline's layers (model.arch transformer) ---------------------------------------------------
@@ -305,7 +299,7 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.up = Linear(cfg.hidden_size, cfg.ffn_width, cfg.init_std)
-        self.down = Linear(cfg.ffn_width, cfg.hidden_size, output_std(cfg), input_major=True)
+        self.down = Linear(cfg.ffn_width, cfg.hidden_size, cfg.output_std, input_major=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
@@ -315,7 +309,7 @@ def make_projection(cfg: ModelConfig, kind: str) -> nn.Module:
     """An attention projection of hidden_size: a Pattention, or for arch transformer the Linear it replaces."""
     h = cfg.hidden_size
     if cfg.arch == "transformer":
-        return Linear(h, h, output_std(cfg), input_major=True) if kind == "proj" else Linear(h, h, cfg.init_std)
+        return Linear(h, h, cfg.output_std, input_major=True) if kind == "proj" else Linear(h, h, cfg.init_std)
     return make_pattention(cfg, kind, h, h)
 
 
