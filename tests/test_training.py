@@ -85,11 +85,11 @@ def test_layout_equals_one_process(name, corpus, baseline, tmp_path):
 
 
 TRANSFORMER = "configs/transformer-debug.yaml"
-# The Transformer baseline under the layouts above that shard it differently (its own TP plan, SP's gathers, the
-# pipeline's stages, ZeRO's partitions, CP's chunks, documents kept apart between stages)
-TRANSFORMER_LAYOUTS = {name: LAYOUTS[name] for name in (
-    "tp2", "pp2", "dp2_zero1", "dp2_zero2", "tp2_pp2", "tp2_sequence_parallel", "tp2_pp2_sequence_parallel",
-    "tp2_activation_checkpointing")}
+# The Transformer baseline under every layout above but the Pattention kernels' options (its own TP plan, SP's
+# gathers, the pipeline's stages, ZeRO's partitions and overlapped reduction, recomputation, its blocks compiled with
+# the TP collectives traced in), and CP's chunks without compile too
+PATTENTION_ONLY = {"train.fused_pattention", "train.recompute_pattention_gelu"}
+TRANSFORMER_LAYOUTS = {name: layout for name, layout in LAYOUTS.items() if not PATTENTION_ONLY & set(layout[1])}
 TRANSFORMER_LAYOUTS["cp2"] = (2, {"parallel.cp": 2})
 
 
