@@ -170,6 +170,27 @@ def test_layout_on_gpus_tracks_fp32_on_cpu(name, sample, cpu_reference, tmp_path
     _tracks(run_ranks(world, train, _on_device(sample, tmp_path, **{"train.steps": 3, **extra}))[0], cpu_reference)
 
 
+TRANSFORMER = "configs/transformer-debug.yaml"
+TRANSFORMER_GPU_LAYOUTS = {name: GPU_LAYOUTS[name] for name in ("one_gpu", "one_gpu_compile", "tp2", "pp2")}
+
+
+@pytest.fixture(scope="module")
+def transformer_cpu_reference(sample, tmp_path_factory):
+    return run_ranks(1, train, debug_overrides(sample, tmp_path_factory.mktemp("cpu_transformer"),
+                                               **{"train.steps": 3}), TRANSFORMER)[0]
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMER_GPU_LAYOUTS))
+def test_transformer_on_gpus_tracks_fp32_on_cpu(name, sample, transformer_cpu_reference, tmp_path):
+    """The Transformer baseline (its Linear projections and MLP, its own TP plan) in bf16 on the device, held to its
+    fp32 run on the CPU as the TokenFormer is: the comparison the scaling study makes needs both archs on the GPU."""
+    world, extra = TRANSFORMER_GPU_LAYOUTS[name]
+    if DEVICE == "cuda" and GPUS < world:
+        pytest.skip(f"needs {world} GPUs, {GPUS} visible")
+    _tracks(run_ranks(world, train, _on_device(sample, tmp_path, **{"train.steps": 3, **extra}), TRANSFORMER)[0],
+            transformer_cpu_reference)
+
+
 def test_documents_on_a_gpu_track_fp32_on_cpu(sample, tmp_path):
     """Packed documents kept apart (all three data flags) on the device: SDPA with an additive mask (its
     memory-efficient kernel on a GPU) against the same flags in fp32 on the CPU."""

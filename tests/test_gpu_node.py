@@ -111,15 +111,16 @@ def test_the_check_fails_loudly_without_cuda_and_rehearses_on_a_cpu(tmp_path):
 
 def test_which_parts_run_on_which_machine(tmp_path):
     """The check's course where it cannot run here: on one GPU every part but h, with its tests; on two, h too (TP2,
-    PP2, DP2, CP2 and two srun tasks); before part a has looked, only part a; a CPU rehearses a, b, d and g."""
+    PP2, DP2, CP2, two srun tasks, the Transformer at TP2 and PP2); before part a has looked, only part a; a CPU
+    rehearses a, b, d and g."""
     def runs(device: str, gpus: int) -> dict:
         check = Check(str(tmp_path / f"{device}{gpus}"), 400, device)
         check.gpus = gpus
         return {p.key: len(check.command(p, 100)[1]) for p in PARTS if check.why_skipped(p) is None}
     assert runs("cuda", 0) == {"a": 0}
-    assert runs("cuda", 1) == {"a": 0, "b": 2, "c": 7, "d": 4, "e": 0, "f": 0, "g": 1}
-    assert runs("cuda", 2) == {**runs("cuda", 1), "h": 5}
-    assert runs("cpu", 0) == {"a": 0, "b": 2, "d": 4, "g": 1}
+    assert runs("cuda", 1) == {"a": 0, "b": 2, "c": 7, "d": 6, "e": 0, "f": 0, "g": 1}
+    assert runs("cuda", 2) == {**runs("cuda", 1), "h": 7}
+    assert runs("cpu", 0) == {"a": 0, "b": 2, "d": 6, "g": 1}
 
 
 def test_every_test_the_check_names_exists_and_skips_without_a_gpu(tmp_path):

@@ -62,11 +62,13 @@ PARTS = [
                 for v in ("eager", "eager_recompute", "fused", "fused_recompute", "compiled")]
          + [(1, f"test_context_parallel_chunks_run_flash_attention_and_equal_full_attention[{cp}]") for cp in (2, 4)]),
     Part("d", "against_the_cpu", "one GPU against the CPU's fp32 run: debug losses with and without packed documents, "
-         "a layout-free load then fused AdamW, an srun task at local rank 3", 120,
+         "a layout-free load then fused AdamW, an srun task at local rank 3; the Transformer eager and compiled", 150,
          tests=[(1, "test_layout_on_gpus_tracks_fp32_on_cpu[one_gpu]"),
                 (1, "test_documents_on_a_gpu_track_fp32_on_cpu"),
                 (1, "test_layout_free_load_then_a_fused_adam_step_on_the_gpu"),
-                (1, "test_srun_tasks_with_one_visible_gpu_each[1]")], on_cpu=True),
+                (1, "test_srun_tasks_with_one_visible_gpu_each[1]"),
+                (1, "test_transformer_on_gpus_tracks_fp32_on_cpu[one_gpu]"),
+                (1, "test_transformer_on_gpus_tracks_fp32_on_cpu[one_gpu_compile]")], on_cpu=True),
     Part("e", "mfu", "tokenformer-150m bf16: tokens/s, MFU against the measured and the datasheet peak, peak memory; "
          "eager then compiled; then the TokenFormer-124M step over the Transformer-124M's (equal parameters)", 240,
          sections=["mfu", "arch"], min_s=60),
@@ -74,9 +76,11 @@ PARTS = [
          "tokenformer-150m at 32k", 90, sections=["long_context"]),
     Part("g", "export_and_generate", "export-hf, then generation on the device through both our inference and "
          "transformers", 90, tests=[(1, "test_export_hf_and_generate_on_the_device")], on_cpu=True),
-    Part("h", "layouts_over_nccl", "TP2, PP2, DP2, CP2 over NCCL against one process", 150,
+    Part("h", "layouts_over_nccl", "TP2, PP2, DP2, CP2 over NCCL against one process; the Transformer at TP2, PP2",
+         180,
          tests=[(2, f"test_layout_on_gpus_tracks_fp32_on_cpu[{n}]") for n in ("tp2", "pp2", "dp2", "cp2")]
-         + [(2, "test_srun_tasks_with_one_visible_gpu_each[2]")], min_gpus=2),
+         + [(2, "test_srun_tasks_with_one_visible_gpu_each[2]")]
+         + [(2, f"test_transformer_on_gpus_tracks_fp32_on_cpu[{n}]") for n in ("tp2", "pp2")], min_gpus=2),
 ]
 
 
