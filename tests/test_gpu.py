@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import REPO, debug_overrides
 from tests.runs import train, train_deterministic
 from tests.test_long_context import DOCUMENTS
-from tests.test_training import _args
+from tests.test_training import TRANSFORMER, _args
 from tokenformer_mp.hf.export import export_hf
 from tokenformer_mp.inference import generate, load_model
 from tokenformer_mp.model import Pattention
@@ -162,16 +162,20 @@ GPU_LAYOUTS = {  # name: (GPUs, overrides), each over NCCL, one GPU per rank, th
 }
 
 
-@pytest.mark.parametrize("name", list(GPU_LAYOUTS))
-def test_layout_on_gpus_tracks_fp32_on_cpu(name, sample, cpu_reference, tmp_path):
+def _layout_on_gpus(name: str, sample, tmp_path, *config: str) -> list[dict]:
+    """GPU_LAYOUTS[name]'s 3 steps on the device (of `config`, the debug config by default)."""
     world, extra = GPU_LAYOUTS[name]
     if DEVICE == "cuda" and GPUS < world:
         pytest.skip(f"needs {world} GPUs, {GPUS} visible")
-    _tracks(run_ranks(world, train, _on_device(sample, tmp_path, **{"train.steps": 3, **extra}))[0], cpu_reference)
+    return run_ranks(world, train, _on_device(sample, tmp_path, **{"train.steps": 3, **extra}), *config)[0]
 
 
-TRANSFORMER = "configs/transformer-debug.yaml"
-TRANSFORMER_GPU_LAYOUTS = {name: GPU_LAYOUTS[name] for name in ("one_gpu", "one_gpu_compile", "tp2", "pp2")}
+@pytest.mark.parametrize("name", list(GPU_LAYOUTS))
+def test_layout_on_gpus_tracks_fp32_on_cpu(name, sample, cpu_reference, tmp_path):
+    _tracks(_layout_on_gpus(name, sample, tmp_path), cpu_reference)
+
+
+TRANSFORMER_GPU_LAYOUTS = ("one_gpu", "one_gpu_compile", "tp2", "pp2")  # of GPU_LAYOUTS
 
 
 @pytest.fixture(scope="module")
@@ -180,15 +184,11 @@ def transformer_cpu_reference(sample, tmp_path_factory):
                                                **{"train.steps": 3}), TRANSFORMER)[0]
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMER_GPU_LAYOUTS))
+@pytest.mark.parametrize("name", TRANSFORMER_GPU_LAYOUTS)
 def test_transformer_on_gpus_tracks_fp32_on_cpu(name, sample, transformer_cpu_reference, tmp_path):
     """The Transformer baseline (its Linear projections and MLP, its own TP plan) in bf16 on the device, held to its
     fp32 run on the CPU as the TokenFormer is: the comparison the scaling study makes needs both archs on the GPU."""
-    world, extra = TRANSFORMER_GPU_LAYOUTS[name]
-    if DEVICE == "cuda" and GPUS < world:
-        pytest.skip(f"needs {world} GPUs, {GPUS} visible")
-    _tracks(run_ranks(world, train, _on_device(sample, tmp_path, **{"train.steps": 3, **extra}), TRANSFORMER)[0],
-            transformer_cpu_reference)
+    _tracks(_layout_on_gpus(name, sample, tmp_path, TRANSFORMER), transformer_cpu_reference)
 
 
 def test_documents_on_a_gpu_track_fp32_on_cpu(sample, tmp_path):
